@@ -1,0 +1,352 @@
+"""SlideDataModule: manifest -> validated, tiled slides -> per-rank slide loaders."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import timm
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_wsi.data.augment import TileAugment
+from lightning_wsi.data.dataset import SlideDataset, SlideEntry
+from lightning_wsi.data.manifest import (
+    BadSlide,
+    ManifestError,
+    SlideRecord,
+    parse_target,
+    read_manifest,
+    stratified_split,
+)
+from lightning_wsi.data.manifest_tiling import SlideJob, TilingSummary, tile_many
+from lightning_wsi.data.sampling import SlideSampler
+from lightning_wsi.data.slide import SlideError
+from lightning_wsi.data.tiling import SlideTiles
+
+__all__ = ["BadSlideError", "SlideDataModule"]
+
+
+class BadSlideError(ValueError):
+    """Slides of the manifest cannot be used; the message lists every one with its reason."""
+
+    def __init__(self, message: str, bad_slides: Sequence[BadSlide]) -> None:
+        super().__init__(message)
+        self.bad_slides = list(bad_slides)
+
+
+class SlideDataModule(LightningDataModule):
+    """Slides from a manifest, tiled at a target mpp, served one slide per batch.
+
+    Setup reads the manifest, checks every row (file, format, mpp, tissue, label, split) and tiles
+    the slides in parallel with an on-disk coordinate cache. Every bad row is reported at once;
+    ``on_bad_slide="skip"`` trains without them, with a warning that names each, and keeps them
+    in :attr:`bad_slides`.
+
+    In training, each slide contributes K tiles sampled from ``(seed, epoch, slide)``; under a
+    slide-parallel strategy (one whose ``slide_parallel`` attribute is true) every rank gets the
+    same slides in the same order and reads only its contiguous shard of the K tiles; under any
+    other multi-process strategy the ranks split the slides. Evaluation takes all tiles of a
+    slide (or ``eval_k`` spread evenly), in a fixed order. Without a Trainer it behaves as world
+    size 1, epoch 0, as in a notebook.
+
+    Args:
+        manifest: CSV with ``slide_id``, ``path`` (relative to the CSV's folder or absolute),
+            ``label``, optional ``split`` (train/val/test) and ``mpp``.
+        k: tiles per slide in training.
+        mpp: microns per pixel of the tiles (0.5 = 20x).
+        tile_size: tile side in pixels.
+        eval_k: cap on tiles per slide in evaluation; ``None`` takes all.
+        min_tissue_fraction: keep grid tiles with at least this much tissue.
+        task: ``"binary"``, ``"multiclass"`` or ``"regression"``: how labels are checked.
+        num_classes: number of classes for ``"multiclass"`` with integer labels.
+        classes: class names when labels are names; a label's index in it is its target.
+        split_seed: seed of the stratified split when the manifest has no ``split`` column.
+        val_fraction: share of each class held out for validation by that split.
+        test_fraction: share of each class held out for testing by that split.
+        seed: seed of tile sampling, slide order and augmentation.
+        augment: flips and 90° rotations of training tiles.
+        color_jitter: colour jitter strength for training tiles (0 disables).
+        mean: normalisation mean; default from ``encoder``'s timm data config, else ImageNet's.
+        std: normalisation std, as ``mean``.
+        encoder: a timm model name whose pretrained config gives ``mean`` and ``std``.
+        slide_mpp: level-0 mpp for slides whose file and manifest row give none.
+        cache_dir: coordinate cache; default ``<manifest folder>/.tiles``.
+        num_workers: loader worker processes (each reads whole slides).
+        tiling_workers: processes for tiling; ``None`` uses every core.
+        pin_memory: pin loaded tiles for faster host-to-GPU copies.
+        on_bad_slide: ``"raise"`` or ``"skip"``.
+        progress: show progress bars and print the tiling summary.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_wsi.data import make_synthetic_dataset
+        >>> manifest = make_synthetic_dataset(tempfile.mkdtemp(), n_slides=4, progress=False)
+        >>> dm = SlideDataModule(manifest, k=8, tile_size=64, val_fraction=0.5, progress=False)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch["tiles"].shape, batch["coords"].shape
+        (torch.Size([8, 3, 64, 64]), torch.Size([8, 2]))
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike,
+        k: int = 64,
+        mpp: float = 0.5,
+        tile_size: int = 224,
+        *,
+        eval_k: int | None = None,
+        min_tissue_fraction: float = 0.5,
+        task: Literal["binary", "multiclass", "regression"] = "binary",
+        num_classes: int | None = None,
+        classes: Sequence[str] | None = None,
+        split_seed: int = 0,
+        val_fraction: float = 0.25,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+        augment: bool = True,
+        color_jitter: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        encoder: str | None = None,
+        slide_mpp: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        num_workers: int = 0,
+        tiling_workers: int | None = None,
+        pin_memory: bool = False,
+        on_bad_slide: Literal["raise", "skip"] = "raise",
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if on_bad_slide not in ("raise", "skip"):
+            raise ValueError(f"on_bad_slide must be 'raise' or 'skip', got {on_bad_slide!r}")
+        if k < 1 or (eval_k is not None and eval_k < 1):
+            raise ValueError(f"k and eval_k must be >= 1, got k={k}, eval_k={eval_k}")
+        self.manifest = Path(manifest)
+        self.k, self.eval_k, self.mpp, self.tile_size = k, eval_k, mpp, tile_size
+        self.min_tissue_fraction = min_tissue_fraction
+        self.task, self.num_classes = task, num_classes
+        self.classes = list(classes) if classes is not None else None
+        self.split_seed, self.val_fraction, self.test_fraction = (
+            split_seed,
+            val_fraction,
+            test_fraction,
+        )
+        self.seed = seed
+        self.augment = TileAugment(dihedral=augment, color_jitter=color_jitter)
+        self.mean, self.std = _normalisation(mean, std, encoder)
+        self.slide_mpp = slide_mpp
+        self.cache_dir = (
+            Path(cache_dir) if cache_dir is not None else self.manifest.parent / ".tiles"
+        )
+        self.num_workers, self.tiling_workers, self.pin_memory = (
+            num_workers,
+            tiling_workers,
+            pin_memory,
+        )
+        self.on_bad_slide = on_bad_slide
+        self.progress = progress
+        self.bad_slides: list[BadSlide] = []
+        self.splits: dict[str, list[SlideEntry]] = {}
+        self.tiling_summary: TilingSummary | None = None
+        self._tiling: tuple[list[SlideRecord], list[BadSlide], TilingSummary] | None = None
+
+    # ---------------------------------------------------------------- loading and validation
+    @override
+    def prepare_data(self) -> None:
+        """Tile every slide once per node, so each rank's ``setup`` finds a warm cache."""
+        self._tile_manifest()
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self._load()
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in needed.get(stage or "fit", ()):
+            if not self.splits[split]:
+                raise ManifestError(
+                    f"split {split!r} of manifest {self.manifest} has no usable slide "
+                    f"(stage {stage!r}); give rows split={split} or set val_fraction/test_fraction"
+                )
+
+    def _tile_manifest(self) -> tuple[list[SlideRecord], list[BadSlide], TilingSummary]:
+        if self._tiling is None:
+            records, bad = read_manifest(self.manifest)
+            jobs = [SlideJob(r.slide_id, r.path, r.mpp or self.slide_mpp) for r in records]
+            summary = tile_many(
+                jobs,
+                num_workers=self.tiling_workers,
+                progress=self.progress,
+                mpp=self.mpp,
+                tile_size=self.tile_size,
+                min_tissue_fraction=self.min_tissue_fraction,
+                cache_dir=self.cache_dir,
+            )
+            if self.progress and summary.n_cached < len(jobs):
+                print(f"{summary}; coordinates cached in {self.cache_dir}")
+            self._tiling, self.tiling_summary = (records, bad, summary), summary
+        return self._tiling
+
+    def _load(self) -> dict[str, list[SlideEntry]]:
+        records, bad_rows, summary = self._tile_manifest()
+        bad = list(bad_rows)
+        good: list[tuple[SlideRecord, SlideEntry]] = []
+        for record, tiles in zip(records, summary.results, strict=True):
+            try:
+                target = parse_target(record.label, self.task, self.classes, self.num_classes)
+            except ValueError as err:
+                bad.append(BadSlide(record.slide_id, record.path, str(err)))
+                continue
+            if isinstance(tiles, SlideError):
+                bad.append(BadSlide(record.slide_id, record.path, str(tiles)))
+            elif len(tiles) == 0:
+                bad.append(BadSlide(record.slide_id, record.path, _no_tissue(tiles, self)))
+            else:
+                good.append((record, SlideEntry(record.slide_id, record.path, target, tiles)))
+        self._report_bad(bad, n_rows=len(records) + len(bad_rows))
+        splits = self._assign_splits(good)
+        return {
+            name: [e for (_, e), s in zip(good, splits, strict=True) if s == name]
+            for name in ("train", "val", "test")
+        }
+
+    def _assign_splits(self, good: list[tuple[SlideRecord, SlideEntry]]) -> list[str]:
+        given = [record.split for record, _ in good]
+        if any(given):
+            missing = [r.slide_id for r, _ in good if not r.split]
+            if missing:
+                raise ManifestError(
+                    f"manifest {self.manifest}: rows {missing} have no split while others do; "
+                    "give every row a split (train/val/test) or drop the column"
+                )
+            return given
+        return stratified_split(
+            [entry.target for _, entry in good],
+            seed=self.split_seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+        )
+
+    def _report_bad(self, bad: list[BadSlide], n_rows: int) -> None:
+        self.bad_slides = bad
+        if not bad:
+            return
+        listing = "\n".join(f"  {b}" for b in bad)
+        if self.on_bad_slide == "raise":
+            raise BadSlideError(
+                f"{len(bad)} of {n_rows} slides in manifest {self.manifest} cannot be used:\n"
+                f"{listing}\nFix or remove these rows, or pass on_bad_slide='skip' to go on "
+                "without them.",
+                bad,
+            )
+        warnings.warn(
+            f"skipping {len(bad)} of {n_rows} slides in manifest {self.manifest} "
+            f"(on_bad_slide='skip'); they are listed in SlideDataModule.bad_slides:\n{listing}",
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------------------- loaders
+    def _placement(self) -> tuple[int, int, bool]:
+        """(rank, world size, slide parallel) from the attached trainer, or a lone process."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, False
+        return (
+            trainer.global_rank,
+            trainer.world_size,
+            bool(getattr(trainer.strategy, "slide_parallel", False)),
+        )
+
+    def _epoch(self) -> int:
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.fit_loop.epoch_progress.current.processed
+
+    def _loader(self, split: str | None, train: bool) -> DataLoader:
+        if not self.splits:
+            self.splits = self._load()
+        slides = (
+            [e for s in ("train", "val", "test") for e in self.splits[s]]
+            if split is None
+            else self.splits[split]
+        )
+        if not slides:
+            raise ManifestError(f"split {split!r} of manifest {self.manifest} has no usable slide")
+        rank, world, slide_parallel = self._placement()
+        dataset = SlideDataset(
+            slides,
+            k=self.k if train else None,
+            eval_k=self.eval_k,
+            seed=self.seed,
+            shard_rank=rank if slide_parallel else 0,
+            shard_count=world if slide_parallel else 1,
+            augment=self.augment if train else None,
+            mean=self.mean,
+            std=self.std,
+        )
+        sampler = SlideSampler(
+            len(slides),
+            shuffle=train,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+            split_slides=not slide_parallel and world > 1,
+            pad=train,
+            epoch_source=self._epoch if train and self.trainer is not None else None,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """Every usable slide of the manifest, whatever its split."""
+        return self._loader(None, train=False)
+
+
+def _no_tissue(tiles: SlideTiles, dm: SlideDataModule) -> str:
+    return (
+        f"no tissue tile (min_tissue_fraction={dm.min_tissue_fraction}, {dm.tile_size} px at "
+        f"{dm.mpp} mpp = {tiles.tile_size_level0} level-0 px on a {tiles.dimensions[0]}x"
+        f"{tiles.dimensions[1]} slide at {tiles.slide_mpp} mpp)"
+    )
+
+
+def _normalisation(
+    mean: Sequence[float] | None, std: Sequence[float] | None, encoder: str | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Explicit values first, then the encoder's timm pretrained config, then ImageNet's."""
+    default_mean, default_std = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    if encoder is not None:
+        cfg = timm.get_pretrained_cfg(encoder)
+        if cfg is None:
+            raise ValueError(
+                f"timm knows no pretrained config for encoder {encoder!r}; give mean and std"
+            )
+        default_mean, default_std = cfg.mean, cfg.std
+    mean = tuple(float(v) for v in (mean if mean is not None else default_mean))
+    std = tuple(float(v) for v in (std if std is not None else default_std))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (std > 0), got {mean} and {std}")
+    return mean, std

@@ -1,0 +1,193 @@
+"""The slide manifest: a CSV with ``slide_id``, ``path``, ``label`` and optional ``split``, ``mpp``.
+
+Reading checks the columns and every row, and collects every problem with the slide it belongs
+to, so one run reports all bad rows at once instead of dying on the first.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "BadSlide",
+    "ManifestError",
+    "SlideRecord",
+    "TASKS",
+    "SPLITS",
+    "parse_target",
+    "read_manifest",
+    "stratified_split",
+]
+
+REQUIRED_COLUMNS = ("slide_id", "path", "label")
+SPLITS = ("train", "val", "test")
+TASKS = ("binary", "multiclass", "regression")
+
+
+class ManifestError(ValueError):
+    """The manifest itself is unusable (missing file or columns, duplicate ids, empty split)."""
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One manifest row; ``path`` is resolved against the manifest's folder."""
+
+    slide_id: str
+    path: str
+    label: str
+    split: str | None = None
+    mpp: float | None = None
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class BadSlide:
+    """A slide that cannot be used, and why; reported, never silently dropped."""
+
+    slide_id: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.slide_id} ({self.path}): {self.reason}"
+
+
+def read_manifest(manifest: str | os.PathLike) -> tuple[list[SlideRecord], list[BadSlide]]:
+    """Read a manifest CSV.
+
+    Returns:
+        The usable rows, and the rows that are bad in themselves (empty id or path, an ``mpp``
+        that is not a positive number, a ``split`` outside train/val/test).
+
+    Raises:
+        ManifestError: the file is missing, a required column is absent, or ids repeat.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"manifest not found: {manifest}")
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ManifestError(
+                f"manifest {manifest} lacks column(s) {missing}; it has {columns}. "
+                f"Required: {list(REQUIRED_COLUMNS)}, optional: ['split', 'mpp']"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    records, bad, seen = [], [], {}
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        slide_id, raw_path = row["slide_id"], row["path"]
+        if not slide_id or not raw_path:
+            bad.append(BadSlide(slide_id or f"<line {number}>", raw_path, "empty slide_id or path"))
+            continue
+        if slide_id in seen:
+            raise ManifestError(
+                f"manifest {manifest}: slide_id {slide_id!r} appears on lines {seen[slide_id]} "
+                f"and {number}; slide ids must be unique"
+            )
+        seen[slide_id] = number
+        path = Path(raw_path).expanduser()
+        path = str(path if path.is_absolute() else (manifest.parent / path))
+        split = row.get("split") or None
+        if split is not None and split not in SPLITS:
+            bad.append(BadSlide(slide_id, path, f"split {split!r} is not one of {list(SPLITS)}"))
+            continue
+        mpp = None
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                mpp = math.nan
+            if not mpp > 0:
+                bad.append(BadSlide(slide_id, path, f"mpp {row['mpp']!r} is not a positive number"))
+                continue
+        records.append(SlideRecord(slide_id, path, row["label"], split, mpp, number))
+    return records, bad
+
+
+def parse_target(
+    label: str, task: str, classes: Sequence[str] | None = None, num_classes: int | None = None
+) -> int | float:
+    """The training target of a label, or ``ValueError`` saying which labels the task accepts.
+
+    Binary and multiclass labels are class indices (``0``, ``1``, ...) or, when ``classes`` is
+    given, class names; regression labels are numbers.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task == "regression":
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"label {label!r} is not a finite number (task 'regression')")
+        return value
+    if classes is not None:
+        if label in classes:
+            return list(classes).index(label)
+        allowed = list(classes)
+    else:
+        n = 2 if task == "binary" else num_classes
+        allowed = list(range(n)) if n else "integers >= 0"
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if value.is_integer() and value >= 0 and (n is None or value < n):
+            return int(value)
+    raise ValueError(f"label {label!r} is not a class of task {task!r}; allowed: {allowed}")
+
+
+def stratified_split(
+    targets: Sequence[int | float],
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    n_bins: int = 4,
+) -> list[str]:
+    """A seeded split into train/val/test that keeps class proportions in every part.
+
+    Regression targets are stratified by quantile bins. Monte Carlo cross-validation is a sweep
+    over ``seed``. Every class with at least one slide per part gives one to each part that has a
+    non-zero fraction.
+
+    Returns:
+        The split name of each slide, in input order.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got "
+            f"{val_fraction} and {test_fraction}"
+        )
+    values = np.asarray(targets, dtype=np.float64)
+    if values.size and any(isinstance(t, float) for t in targets):
+        edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
+        strata = np.searchsorted(edges, values, side="right")
+    else:
+        strata = values.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    splits = np.full(len(values), "train", dtype=object)
+    for stratum in np.unique(strata):
+        members = rng.permutation(np.flatnonzero(strata == stratum))
+        n_val = _part_size(len(members), val_fraction, available=len(members))
+        n_test = _part_size(len(members), test_fraction, available=len(members) - n_val)
+        splits[members[:n_val]] = "val"
+        splits[members[n_val : n_val + n_test]] = "test"
+    return splits.tolist()
+
+
+def _part_size(n: int, fraction: float, available: int) -> int:
+    """round(n * fraction) of ``available``: at least one if asked for, never the last one."""
+    if fraction <= 0 or available < 2:
+        return 0
+    return min(available - 1, max(1, round(n * fraction)))

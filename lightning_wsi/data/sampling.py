@@ -1,0 +1,151 @@
+"""Which tiles of which slide each rank loads: K-tile sampling, rank shards and slide order.
+
+Every random choice is a pure function of ``(seed, epoch, slide_id[, tile])`` and never of the
+rank, the world size or the worker, so a run's inputs are the same however it is parallelised:
+under slide parallelism rank r loads the r-th contiguous shard of the very sample a single process
+would draw, and the shards concatenated in rank order are exactly that sample.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from torch.utils.data import DistributedSampler
+
+__all__ = [
+    "SlideSampler",
+    "eval_tile_indices",
+    "sample_tile_indices",
+    "shard_bounds",
+    "slide_key",
+    "tile_rng",
+]
+
+# Tags that keep the random streams of sampling and augmentation apart for the same slide.
+_SAMPLE_STREAM, _AUGMENT_STREAM, _ORDER_STREAM = 0, 1, 2
+
+
+def slide_key(slide_id: str) -> int:
+    """A stable integer for a slide id (``hash()`` differs between processes; CRC-32 does not)."""
+    return zlib.crc32(str(slide_id).encode("utf-8"))
+
+
+def sample_tile_indices(
+    n_tiles: int, k: int, *, seed: int, epoch: int, slide_id: str
+) -> np.ndarray:
+    """K distinct tile indices drawn from ``(seed, epoch, slide_id)``, in ascending order.
+
+    A slide with at most ``k`` tiles uses all of them. Ascending order keeps reads local in the
+    file; the aggregator sees coordinates, not the order.
+
+    Returns:
+        ``[min(k, n_tiles)]`` int64.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n_tiles <= k:
+        return np.arange(n_tiles, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, slide_key(slide_id), _SAMPLE_STREAM])
+    return np.sort(rng.choice(n_tiles, size=k, replace=False)).astype(np.int64)
+
+
+def eval_tile_indices(n_tiles: int, eval_k: int | None = None) -> np.ndarray:
+    """All tiles, or ``eval_k`` spread evenly over the slide's tile list: fixed, no randomness."""
+    if eval_k is None or n_tiles <= eval_k:
+        return np.arange(n_tiles, dtype=np.int64)
+    return (np.arange(eval_k, dtype=np.int64) * n_tiles) // eval_k
+
+
+def shard_bounds(k: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank's contiguous shard of k items; sizes differ by at most one.
+
+    The first ``k % world_size`` ranks hold one item more (``numpy.array_split``'s rule); with
+    fewer items than ranks the last ranks hold none.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    base, extra = divmod(k, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def tile_rng(seed: int, epoch: int, slide_id: str, tile_index: int) -> np.random.Generator:
+    """The augmentation randomness of one tile: same tile, same epoch, same draw, on any rank."""
+    return np.random.default_rng([seed, epoch, slide_key(slide_id), _AUGMENT_STREAM, tile_index])
+
+
+class SlideSampler(DistributedSampler):
+    """Slide order for one rank; yields ``(slide_index, epoch)`` so the dataset needs no state.
+
+    Two modes, chosen by the data module from the strategy:
+
+    * slide parallel (``split_slides=False``): every rank gets every slide in the same order;
+      the dataset loads only the rank's shard of each slide's tiles.
+    * data parallel (``split_slides=True``): ranks split the slides, as ``DistributedSampler``
+      does; in training the order is padded by repeating slides so every rank steps equally.
+
+    It subclasses ``DistributedSampler`` so Lightning leaves it in place instead of injecting
+    its own. The epoch is taken from ``epoch_source`` when given (the trainer's progress): with
+    loader workers a resumed run creates its first iterator before ``set_epoch`` is called
+    (Lightning issue #21938), and an epoch read late would replay epoch 0's sample.
+
+    Args:
+        n_slides: number of slides in the split.
+        shuffle: a new slide order every epoch, from ``(seed, epoch)``.
+        seed: the run's data seed.
+        num_replicas: world size.
+        rank: this process's global rank.
+        split_slides: data-parallel mode (see above).
+        pad: repeat slides so all ranks get the same count (training in data-parallel mode).
+        epoch_source: returns the current epoch; overrides ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        n_slides: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        split_slides: bool = False,
+        pad: bool = False,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        # DistributedSampler.__init__ needs a dataset and maybe a process group; set its fields.
+        self.n_slides = n_slides
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.split_slides = split_slides
+        self.pad = pad
+        self.epoch = 0
+        self.epoch_source = epoch_source
+        self.drop_last = False
+
+    def current_epoch(self) -> int:
+        return int(self.epoch_source()) if self.epoch_source is not None else self.epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's slide indices for ``epoch``."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, _ORDER_STREAM])
+            order = rng.permutation(self.n_slides)
+        else:
+            order = np.arange(self.n_slides)
+        if not self.split_slides or self.num_replicas == 1:
+            return order
+        if self.pad and len(order) % self.num_replicas:
+            missing = self.num_replicas - len(order) % self.num_replicas
+            order = np.concatenate([order, np.resize(order, missing)])
+        return order[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.current_epoch()
+        return iter([(int(i), epoch) for i in self.order(epoch)])
+
+    def __len__(self) -> int:
+        return len(self.order(0))

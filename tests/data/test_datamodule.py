@@ -1,0 +1,221 @@
+"""SlideDataModule: validation of every bad row, splits, loaders alone and under a real Trainer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import grid_image, write_grid_slide
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_wsi.data import BadSlideError, ManifestError, SlideDataModule
+
+CELLS = [(c, r) for c in range(1, 5) for r in range(1, 4)]  # 12 tissue tiles at 0.5 mpp / 224 px
+SMALL = dict(mpp=2.0, tile_size=56)  # same 112 µm tiles, read small for speed
+
+
+def _manifest(root: Path, rows: list[dict]) -> Path:
+    path = root / "manifest.csv"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Eight good slides (4 per class) of 12 tissue tiles, in a slides/ folder."""
+    root = tmp_path_factory.mktemp("cohort")
+    (root / "slides").mkdir()
+    for i in range(8):
+        write_grid_slide(root / f"slides/s{i}.tiff", CELLS, 6, 5, 224, mpp=0.5, seed=i)
+    return root
+
+
+def _good_rows(n=8):
+    return [{"slide_id": f"s{i}", "path": f"slides/s{i}.tiff", "label": i % 2} for i in range(n)]
+
+
+def test_works_without_a_trainer_as_one_process_epoch_zero(cohort):
+    dm = SlideDataModule(_manifest(cohort, _good_rows()), k=5, progress=False, **SMALL)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 6 and len(dm.splits["val"]) == 2
+    assert {e.target for e in dm.splits["val"]} == {0, 1}  # stratified
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6
+    batch = batches[0]
+    assert batch["tiles"].shape == (5, 3, 56, 56) and batch["coords"].shape == (5, 2)
+    assert batch["target"].dtype == torch.int64 and isinstance(batch["slide_id"], str)
+    val = next(iter(dm.val_dataloader()))
+    assert val["tiles"].shape == (12, 3, 56, 56)  # evaluation: every tile
+    assert len(list(dm.predict_dataloader())) == 8
+
+
+def test_split_seed_and_manifest_split_column(cohort):
+    def val_ids(**kwargs):
+        dm = SlideDataModule(_manifest(cohort, _good_rows()), progress=False, **SMALL, **kwargs)
+        dm.setup("fit")
+        return sorted(e.slide_id for e in dm.splits["val"])
+
+    assert val_ids(split_seed=0) == val_ids(split_seed=0)
+    assert len({tuple(val_ids(split_seed=s)) for s in range(6)}) > 1  # Monte Carlo CV
+    rows = [dict(r, split="val" if i in (2, 5) else "train") for i, r in enumerate(_good_rows())]
+    dm = SlideDataModule(_manifest(cohort, rows), progress=False, **SMALL)
+    dm.setup("fit")
+    assert sorted(e.slide_id for e in dm.splits["val"]) == ["s2", "s5"]
+
+
+def test_empty_split_is_an_error(cohort):
+    rows = [dict(r, split="train") for r in _good_rows()]
+    dm = SlideDataModule(_manifest(cohort, rows), progress=False, **SMALL)
+    with pytest.raises(ManifestError, match=r"split 'val' of manifest .* has no usable slide"):
+        dm.setup("fit")
+    with pytest.raises(ManifestError, match=r"split 'test'"):
+        dm.setup("test")
+
+
+@pytest.fixture(scope="module")
+def bad_cohort(cohort) -> Path:
+    """The good cohort plus one slide for each way a slide can be bad."""
+    slides = cohort / "slides"
+    (slides / "corrupt.svs").write_bytes(b"II*\x00" + np.random.bytes(4000))
+    # tissue, but no resolution tags: the only thing wrong is the missing mpp
+    image = grid_image(CELLS, 6, 5, 224)
+    tifffile.imwrite(slides / "nompp.tiff", image, tile=(256, 256), photometric="rgb")
+    write_grid_slide(slides / "glass.tiff", [], 6, 5, 224, mpp=0.5)
+    rows = _good_rows() + [
+        {"slide_id": "missing", "path": "slides/missing.svs", "label": 1},
+        {"slide_id": "corrupt", "path": "slides/corrupt.svs", "label": 0},
+        {"slide_id": "nompp", "path": "slides/nompp.tiff", "label": 1},
+        {"slide_id": "glass", "path": "slides/glass.tiff", "label": 0},
+        {"slide_id": "badlabel", "path": "slides/s0.tiff", "label": 3},
+    ]
+    return _manifest(cohort, rows)
+
+
+EXPECTED_REASONS = {
+    "missing": "file not found",
+    "corrupt": "OpenSlide cannot read",
+    "nompp": "no microns-per-pixel",
+    "glass": "no tissue tile",
+    "badlabel": "label '3' is not a class of task 'binary'",
+}
+
+
+def test_every_bad_slide_is_reported_at_once(bad_cohort):
+    dm = SlideDataModule(bad_cohort, progress=False, **SMALL)
+    with pytest.raises(BadSlideError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert "5 of 13 slides" in message and "on_bad_slide='skip'" in message
+    assert {b.slide_id for b in info.value.bad_slides} == set(EXPECTED_REASONS)
+    for slide_id, reason in EXPECTED_REASONS.items():
+        line = next(line for line in message.splitlines() if line.strip().startswith(slide_id))
+        assert reason in line and "slides/" in line  # the id, the path and why
+
+
+def test_skip_warns_with_a_count_and_keeps_the_list(bad_cohort):
+    dm = SlideDataModule(bad_cohort, on_bad_slide="skip", progress=False, **SMALL)
+    with pytest.warns(UserWarning, match=r"skipping 5 of 13 slides"):
+        dm.setup("fit")
+    assert {b.slide_id for b in dm.bad_slides} == set(EXPECTED_REASONS)
+    kept = [e.slide_id for split in dm.splits.values() for e in split]
+    assert sorted(kept) == [f"s{i}" for i in range(8)]
+
+
+def test_manifest_mpp_column_rescues_a_slide_without_metadata(bad_cohort, cohort):
+    rows = [{"slide_id": "nompp", "path": "slides/nompp.tiff", "label": 1, "mpp": 0.5}]
+    dm = SlideDataModule(_manifest(cohort, rows), val_fraction=0, progress=False, **SMALL)
+    dm.setup("predict")
+    (entry,) = dm.splits["train"]
+    assert entry.tiles.slide_mpp == 0.5 and len(entry.tiles) == len(CELLS)
+    # a config value does the same for every slide without one
+    rows[0].pop("mpp")
+    dm = SlideDataModule(
+        _manifest(cohort, rows), val_fraction=0, slide_mpp=0.5, progress=False, **SMALL
+    )
+    dm.setup("predict")
+    assert len(dm.splits["train"][0].tiles) == len(CELLS)
+
+
+def test_normalisation_from_the_encoders_timm_config(cohort):
+    manifest = _manifest(cohort, _good_rows())
+    assert SlideDataModule(manifest, encoder="vit_small_patch16_224").mean == (0.5, 0.5, 0.5)
+    assert SlideDataModule(manifest).std == (0.229, 0.224, 0.225)
+    assert SlideDataModule(manifest, encoder="resnet18", mean=(0, 0, 0)).mean == (0, 0, 0)
+
+
+# --------------------------------------------------------------- under a real 2-process Trainer
+class _Recorder(L.LightningModule):
+    """Records which slides and tiles each rank receives; trains one dummy weight."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.out, self.seen = out, []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append([self.current_epoch, batch["slide_id"], batch["tile_index"].tolist()])
+        return self.weight * batch["tiles"].mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def on_train_end(self) -> None:
+        Path(self.out, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+class _SlideParallelDDP(DDPStrategy):
+    """The data module's protocol: a strategy that shards each slide's tiles over ranks."""
+
+    slide_parallel = True
+
+
+def _fit_two_ranks(manifest: Path, out: Path, strategy) -> list[list]:
+    dm = SlideDataModule(manifest, k=7, num_workers=1, progress=False, **SMALL)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(_Recorder(str(out)), datamodule=dm)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("slide_parallel", [True, False])
+def test_ranks_under_a_real_trainer(cohort, tmp_path, slide_parallel):
+    manifest = _manifest(cohort, _good_rows())
+    cls = _SlideParallelDDP if slide_parallel else DDPStrategy
+    ranks = _fit_two_ranks(
+        manifest, tmp_path, cls(start_method="spawn", process_group_backend="gloo")
+    )
+    # The single-process reference: the same data module, no trainer.
+    reference = SlideDataModule(manifest, k=7, progress=False, **SMALL)
+    reference.setup("fit")
+    loader = reference.train_dataloader()
+    single = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        single += [[epoch, b["slide_id"], b["tile_index"].tolist()] for b in loader]
+    if slide_parallel:
+        assert [s[:2] for s in ranks[0]] == [s[:2] for s in ranks[1]] == [s[:2] for s in single]
+        for a, b, whole in zip(ranks[0], ranks[1], single, strict=True):
+            assert (len(a[2]), len(b[2])) == (4, 3) and a[2] + b[2] == whole[2]
+    else:
+        ids = [[s[1] for s in r if s[0] == 0] for r in ranks]
+        assert not set(ids[0]) & set(ids[1]) and len(ids[0]) == len(ids[1]) == 3
+        assert all(len(s[2]) == 7 for r in ranks for s in r)
