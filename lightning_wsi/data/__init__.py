@@ -1,6 +1,6 @@
 """Slides in, one-slide batches out: reading at a target mpp, tissue tiling, sampling, loaders."""
 
-from lightning_wsi.data.augment import TileAugment
+from lightning_wsi.data.augment import TileAugment, color_jitter
 from lightning_wsi.data.datamodule import BadSlideError, SlideDataModule
 from lightning_wsi.data.dataset import SlideDataset, SlideEntry
 from lightning_wsi.data.manifest import BadSlide, ManifestError, read_manifest
@@ -19,6 +19,7 @@ from lightning_wsi.data.synthetic import (
 )
 from lightning_wsi.data.tiling import SlideTiles, tile_slide
 from lightning_wsi.data.tissue import tissue_mask
+from lightning_wsi.data.transfer import normalize_tiles
 
 __all__ = [
     "BadSlide",
@@ -34,9 +35,11 @@ __all__ = [
     "SlideTiles",
     "TileAugment",
     "TilingSummary",
+    "color_jitter",
     "eval_tile_indices",
     "make_synthetic_dataset",
     "make_synthetic_slide",
+    "normalize_tiles",
     "read_manifest",
     "sample_tile_indices",
     "shard_bounds",

@@ -6,7 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 from lightning.pytorch import LightningDataModule
@@ -27,6 +27,7 @@ from lightning_wsi.data.manifest_tiling import SlideJob, TilingSummary, tile_man
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles
+from lightning_wsi.data.transfer import normalize_tiles
 
 __all__ = ["BadSlideError", "SlideDataModule"]
 
@@ -285,8 +286,6 @@ class SlideDataModule(LightningDataModule):
             shard_rank=rank if slide_parallel else 0,
             shard_count=world if slide_parallel else 1,
             augment=self.augment if train else None,
-            mean=self.mean,
-            std=self.std,
         )
         sampler = SlideSampler(
             len(slides),
@@ -306,6 +305,14 @@ class SlideDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: uint8 tiles become normalised float (and colour-jittered in training).
+
+        Without a Trainer, call it on a loaded batch to get what the model sees.
+        """
+        return normalize_tiles(batch, self.mean, self.std)
 
     @override
     def train_dataloader(self) -> DataLoader:

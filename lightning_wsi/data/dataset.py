@@ -50,8 +50,10 @@ class SlideDataset(Dataset):
     (epoch 0).
 
     Returns per item:
-        ``tiles`` ``[k_r, 3, H, W]`` float32, normalised; ``coords`` ``[k_r, 2]`` int64 level-0
-        ``(x, y)``; ``target`` 0-d (int64 class or float32 value); ``slide_id`` str;
+        ``tiles`` ``[k_r, 3, H, W]`` uint8 (channels-last memory; made float and normalised on
+        the device by :func:`~lightning_wsi.data.transfer.normalize_tiles`); ``color_jitter``
+        ``[k_r, 4]`` per-tile colour factors when colour jitter is on; ``coords`` ``[k_r, 2]``
+        int64 level-0 ``(x, y)``; ``target`` 0-d (int64 class or float32 value); ``slide_id`` str;
         ``tile_index`` ``[k_r]`` int64 positions in the slide's tile list; ``num_tiles`` int, the
         size of the whole sample over all shards.
     """
@@ -66,8 +68,6 @@ class SlideDataset(Dataset):
         shard_rank: int = 0,
         shard_count: int = 1,
         augment: TileAugment | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
     ) -> None:
         self.slides = list(slides)
         self.k = k
@@ -76,8 +76,6 @@ class SlideDataset(Dataset):
         self.shard_rank = shard_rank
         self.shard_count = shard_count
         self.augment = augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._open: OrderedDict[str, Slide] = OrderedDict()
         self._pid = os.getpid()
 
@@ -101,36 +99,42 @@ class SlideDataset(Dataset):
         start, stop = shard_bounds(len(sample), self.shard_rank, self.shard_count)
         shard = sample[start:stop]
         coords = entry.tiles.coords[shard]
-        pixels = self._read(entry, coords)
-        tiles = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        item: dict[str, Any] = {}
+        symmetries = [0] * len(shard)
         if self.augment is not None:
-            tiles = self.augment(
-                tiles, [tile_rng(self.seed, epoch, entry.slide_id, int(t)) for t in shard]
-            )
-        tiles = (tiles - self.mean) / self.std
+            draws = [
+                self.augment.draw(tile_rng(self.seed, epoch, entry.slide_id, int(t))) for t in shard
+            ]
+            symmetries = [symmetry for symmetry, _ in draws]
+            if self.augment.color_jitter > 0:
+                factors = np.stack([f for _, f in draws]) if draws else np.zeros((0, 4), np.float32)
+                item["color_jitter"] = torch.from_numpy(factors)
+        pixels = self._read(entry, coords, symmetries)
         target_dtype = torch.float32 if isinstance(entry.target, float) else torch.int64
-        return {
-            "tiles": tiles.contiguous(),
-            "coords": torch.from_numpy(coords.copy()),
-            "target": torch.tensor(entry.target, dtype=target_dtype),
-            "slide_id": entry.slide_id,
-            "tile_index": torch.from_numpy(shard.copy()),
-            "num_tiles": len(sample),
-        }
+        item.update(
+            tiles=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            coords=torch.from_numpy(coords.copy()),
+            target=torch.tensor(entry.target, dtype=target_dtype),
+            slide_id=entry.slide_id,
+            tile_index=torch.from_numpy(shard.copy()),
+            num_tiles=len(sample),
+        )
+        return item
 
-    def _read(self, entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
-        """``[k_r, T, T, 3]`` uint8 tiles at the target mpp."""
+    def _read(self, entry: SlideEntry, coords: np.ndarray, symmetries: Sequence[int]) -> np.ndarray:
+        """``[k_r, T, T, 3]`` uint8 tiles at the target mpp, each under its symmetry."""
         size = entry.tiles.tile_size
         out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
         slide = self._slide(entry)
         for i, (x, y) in enumerate(coords):
             try:
-                out[i] = slide.read_tile(int(x), int(y), entry.tiles.tile_size_level0, size)
+                tile = slide.read_tile(int(x), int(y), entry.tiles.tile_size_level0, size)
             except Exception as err:
                 raise SlideError(
                     f"slide {entry.slide_id!r}: reading the tile at level-0 ({x}, {y}) of "
                     f"{entry.path} failed ({type(err).__name__}: {err}); the file may be corrupt"
                 ) from err
+            out[i] = TileAugment.geometry(tile, symmetries[i])
         return out
 
     def _slide(self, entry: SlideEntry) -> Slide:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import grid_image, write_grid_slide
 from lightning.pytorch.strategies import DDPStrategy
+from slide_files import grid_image, write_grid_slide
 
 from lightning_wsi.data import BadSlideError, ManifestError, SlideDataModule
 
@@ -51,8 +51,9 @@ def test_works_without_a_trainer_as_one_process_epoch_zero(cohort):
     assert {e.target for e in dm.splits["val"]} == {0, 1}  # stratified
     batches = list(dm.train_dataloader())
     assert len(batches) == 6
-    batch = batches[0]
+    batch = dm.on_after_batch_transfer(batches[0], 0)  # what the model sees
     assert batch["tiles"].shape == (5, 3, 56, 56) and batch["coords"].shape == (5, 2)
+    assert batch["tiles"].dtype == torch.float32 and batches[0]["tiles"].dtype == torch.uint8
     assert batch["target"].dtype == torch.int64 and isinstance(batch["slide_id"], str)
     val = next(iter(dm.val_dataloader()))
     assert val["tiles"].shape == (12, 3, 56, 56)  # evaluation: every tile
@@ -164,6 +165,7 @@ class _Recorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append([self.current_epoch, batch["slide_id"], batch["tile_index"].tolist()])
+        assert batch["tiles"].dtype == torch.float32  # normalised on the device by the hook
         return self.weight * batch["tiles"].mean()
 
     def configure_optimizers(self):

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import write_grid_slide
+from slide_files import write_grid_slide
 from torch.utils.data import DataLoader
 
-from lightning_wsi.data.augment import TileAugment
+from lightning_wsi.data.augment import TileAugment, color_jitter
 from lightning_wsi.data.dataset import SlideDataset, SlideEntry
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import Slide
 from lightning_wsi.data.tiling import tile_slide
+from lightning_wsi.data.transfer import normalize_tiles
 
 TILE = dict(mpp=2.0, tile_size=56)  # 112 µm tiles read small, so tests stay fast
 
@@ -45,7 +46,8 @@ def _dataset(entries, rank=0, world=1, k=16, augment=True):
 
 def test_item_format(entries):
     item = _dataset(entries)[(0, 0)]
-    assert item["tiles"].shape == (16, 3, 56, 56) and item["tiles"].dtype == torch.float32
+    assert item["tiles"].shape == (16, 3, 56, 56) and item["tiles"].dtype == torch.uint8
+    assert item["color_jitter"].shape == (16, 4)
     assert item["coords"].shape == (16, 2) and item["coords"].dtype == torch.int64
     assert item["target"].shape == () and item["target"].dtype == torch.int64
     assert item["slide_id"] == "slide-0" and item["num_tiles"] == 16
@@ -54,18 +56,30 @@ def test_item_format(entries):
     np.testing.assert_array_equal(item["coords"].numpy(), coords)
 
 
-def test_normalisation_and_pixels_match_openslide(entries):
-    dataset = SlideDataset(entries, k=None, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))
-    item = dataset[1]
+def test_pixels_match_openslide_and_normalise_on_the_device(entries):
+    item = SlideDataset(entries, k=None)[1]
     entry = entries[1]
     with Slide(entry.path) as slide:
         x, y = entry.tiles.coords[3]
         raw = slide.read_tile(x, y, entry.tiles.tile_size_level0, 56)
+    assert torch.equal(item["tiles"][3], torch.from_numpy(raw).permute(2, 0, 1))
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
+    tiles = normalize_tiles(item, mean, std)["tiles"]
     expected = (
-        torch.from_numpy(raw).permute(2, 0, 1).float() / 255
-        - torch.tensor([0.1, 0.2, 0.3])[:, None, None]
-    ) / torch.tensor([0.5, 0.25, 0.125])[:, None, None]
-    torch.testing.assert_close(item["tiles"][3], expected, rtol=0, atol=1e-6)
+        torch.from_numpy(raw).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]
+    )
+    expected = expected / torch.tensor(std)[:, None, None]
+    assert tiles.dtype == torch.float32
+    torch.testing.assert_close(tiles[3], expected, rtol=0, atol=1e-6)
+
+
+def test_colour_jitter_factors_are_applied_per_tile(entries):
+    item = _dataset(entries)[(0, 0)]
+    plain = normalize_tiles({"tiles": item["tiles"]}, (0, 0, 0), (1, 1, 1))["tiles"]
+    jittered = normalize_tiles(item, (0, 0, 0), (1, 1, 1))["tiles"]
+    assert "color_jitter" not in normalize_tiles(item, (0, 0, 0), (1, 1, 1))
+    torch.testing.assert_close(jittered, color_jitter(plain, item["color_jitter"]))
+    assert not torch.equal(jittered, plain)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -79,7 +93,7 @@ def test_shards_concatenate_to_the_single_process_sample(entries, world_size, k)
             parts = [s[(index, epoch)] for s in shards]
             sizes = [len(p["tiles"]) for p in parts]
             assert max(sizes) - min(sizes) <= 1
-            for key in ("tiles", "coords", "tile_index"):
+            for key in ("tiles", "coords", "tile_index", "color_jitter"):
                 torch.testing.assert_close(
                     torch.cat([p[key] for p in parts]), whole[key], rtol=0, atol=0
                 )

@@ -41,7 +41,10 @@ def test_missing_column_names_it_and_what_is_required(tmp_path):
 def test_duplicate_ids_and_bad_rows(tmp_path):
     with pytest.raises(ManifestError, match=r"'a' appears on lines 2 and 3"):
         read_manifest(_write(tmp_path, "slide_id,path,label\na,x.svs,1\na,y.svs,0\n"))
-    text = "slide_id,path,label,split,mpp\na,a.svs,1,train,\nb,b.svs,0,holdout,\nc,c.svs,0,,-1\n,d.svs,1,,\n"
+    text = (
+        "slide_id,path,label,split,mpp\n"
+        "a,a.svs,1,train,\nb,b.svs,0,holdout,\nc,c.svs,0,,-1\n,d.svs,1,,\n"
+    )
     records, bad = read_manifest(_write(tmp_path, text))
     assert [r.slide_id for r in records] == ["a"]
     reasons = {b.slide_id: b.reason for b in bad}
