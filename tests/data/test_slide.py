@@ -99,3 +99,15 @@ def test_missing_and_corrupt_files(tmp_path):
     junk.write_bytes(b"II*\x00" + bytes(range(256)) * 8)
     with pytest.raises(SlideError, match=r"slide 'junk'.*OpenSlide cannot read"):
         Slide(junk, slide_id="junk")
+
+
+def test_pixels_outside_the_scan_are_white(tmp_path):
+    rng = np.random.default_rng()
+    image = rng.integers(0, 200, size=(512, 512, 3), dtype=np.uint8)  # no pure white inside
+    path = write_pyramidal_tiff(tmp_path / "s.tiff", image, 0.5, compression="zlib")
+    with Slide(path) as slide:
+        inside = slide.read_tile(64, 64, size0=128, tile_size=128)
+        edge = slide.read_tile(448, 400, size0=128, tile_size=128)  # crosses both edges
+    np.testing.assert_array_equal(inside, image[64:192, 64:192])
+    np.testing.assert_array_equal(edge[:112, :64], image[400:, 448:])
+    assert (edge[112:] == 255).all() and (edge[:, 64:] == 255).all()
