@@ -1,0 +1,18 @@
+"""Slide-level tasks: head size, loss, prediction and metrics, one class per task."""
+
+from lightning_wsi.models.tasks.base import Task
+from lightning_wsi.models.tasks.binary import BinaryTask
+from lightning_wsi.models.tasks.factory import TASKS, build_task
+from lightning_wsi.models.tasks.metrics import BinaryBalancedAccuracy
+from lightning_wsi.models.tasks.multiclass import MulticlassTask
+from lightning_wsi.models.tasks.regression import RegressionTask
+
+__all__ = [
+    "TASKS",
+    "BinaryBalancedAccuracy",
+    "BinaryTask",
+    "MulticlassTask",
+    "RegressionTask",
+    "Task",
+    "build_task",
+]
