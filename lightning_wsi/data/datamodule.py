@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_wsi.data.augment import TileAugment
 from lightning_wsi.data.dataset import SlideDataset, SlideEntry
+from lightning_wsi.data.loader import DeferredDataLoader
 from lightning_wsi.data.manifest import (
     BadSlide,
     ManifestError,
@@ -67,7 +68,8 @@ class SlideDataModule(LightningDataModule):
         num_classes: number of classes for ``"multiclass"`` with integer labels.
         classes: class names when labels are names; a label's index in it is its target.
         split_seed: seed of the stratified split when the manifest has no ``split`` column.
-        val_fraction: share of each class held out for validation by that split.
+        val_fraction: share of each class held out for validation by that split; 0 trains
+            without validation.
         test_fraction: share of each class held out for testing by that split.
         seed: seed of tile sampling, slide order and augmentation.
         augment: flips and 90° rotations of training tiles.
@@ -167,7 +169,9 @@ class SlideDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = self._load()
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        # val_fraction=0 says "no validation": fit then runs without a val split.
+        fit = ("train", "val") if self.val_fraction > 0 else ("train",)
+        needed = {"fit": fit, "validate": ("val",), "test": ("test",)}
         for split in needed.get(stage or "fit", ()):
             if not self.splits[split]:
                 raise ManifestError(
@@ -297,7 +301,8 @@ class SlideDataModule(LightningDataModule):
             pad=train,
             epoch_source=self._epoch if train and self.trainer is not None else None,
         )
-        return DataLoader(
+        loader_class = DeferredDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=None,
             sampler=sampler,
@@ -319,7 +324,9 @@ class SlideDataModule(LightningDataModule):
         return self._loader("train", train=True)
 
     @override
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_fraction == 0 and self.splits and not self.splits["val"]:
+            return []  # no validation asked for: Lightning skips the loop
         return self._loader("val", train=False)
 
     @override

@@ -148,6 +148,13 @@ class SlideDataset(Dataset):
         self._open[entry.path] = slide
         return slide
 
+    def close(self) -> None:
+        """Close the slides this process holds open (they reopen on the next read)."""
+        if os.getpid() == self._pid:
+            for slide in self._open.values():
+                slide.close()
+        self._open = OrderedDict()
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # handles do not cross process boundaries (spawn)

@@ -74,6 +74,14 @@ def test_split_seed_and_manifest_split_column(cohort):
     assert sorted(e.slide_id for e in dm.splits["val"]) == ["s2", "s5"]
 
 
+def test_val_fraction_zero_trains_without_validation(cohort):
+    dm = SlideDataModule(_manifest(cohort, _good_rows()), val_fraction=0.0, progress=False, **SMALL)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 8 and dm.val_dataloader() == []
+    with pytest.raises(ManifestError, match=r"split 'val'"):
+        dm.setup("validate")
+
+
 def test_empty_split_is_an_error(cohort):
     rows = [dict(r, split="train") for r in _good_rows()]
     dm = SlideDataModule(_manifest(cohort, rows), progress=False, **SMALL)
