@@ -45,7 +45,9 @@ class GatedAttention(nn.Module):
         )
         self.attention_v = nn.Sequential(nn.Linear(hidden_dim, attention_dim), nn.Tanh())
         self.attention_u = nn.Sequential(nn.Linear(hidden_dim, attention_dim), nn.Sigmoid())
-        self.attention_w = nn.Linear(attention_dim, 1)
+        # No bias: a constant added to every score cancels in the softmax, so its gradient is
+        # zero by construction and an adaptive optimiser would only amplify float noise in it.
+        self.attention_w = nn.Linear(attention_dim, 1, bias=False)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, num_outputs))
 
     def forward(

@@ -118,7 +118,12 @@ class _Layer(nn.Module):
         self.num_heads = num_heads
         self.attention_dropout = attention_dropout
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        # Query and value biases only (as BEiT): a key bias adds the same q.b to every score of a
+        # query, which the softmax cancels, so its gradient is zero by construction and an
+        # adaptive optimiser would only amplify float noise in it.
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
@@ -132,7 +137,9 @@ class _Layer(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, dim = x.shape
-        qkv = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, dim // self.num_heads)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(self.norm1(x), self.qkv.weight, bias)
+        qkv = qkv.view(n, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each [heads, N, head_dim]
         return q, k, v
 
