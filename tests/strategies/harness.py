@@ -1,0 +1,233 @@
+"""Run the same training as 1, 2 or 3 real processes and compare what they end with.
+
+``run_world(world_size, scenarios, out_dir)`` starts ``world_size`` processes (torch
+multiprocessing, spawn) that join one gloo process group through Lightning's own environment
+variables, as torchrun would, and each trains every scenario in turn with a fresh
+``Trainer(strategy=SlideParallelStrategy(...), accelerator="cpu", devices=world_size)``. Every rank
+writes what it ends with to ``out_dir/<scenario>.rank<r>.pt``: initial and final parameters split
+into encoder and aggregator, and the loss of every step. Starting the processes once for all
+scenarios keeps the suite fast; everything inside is the real Trainer and strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.multiprocessing as mp
+from slide_batches import make_slides
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
+
+SMALL_AGG = {
+    "gma": {"hidden_dim": 32, "attention_dim": 16},
+    "transformer": {"hidden_dim": 32, "num_heads": 4, "num_layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One training run: model, optimiser, data, chunking, Trainer options."""
+
+    name: str
+    aggregator: str = "gma"
+    optimizer: str = "adamw"
+    chunk: int | None = None
+    k: int = 7
+    n_slides: int = 3
+    epochs: int = 2
+    manifest: str | None = None  # train through SlideDataModule on these slides instead
+    num_workers: int = 0  # SlideDataModule's loader workers
+    trainer: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = False  # also validate every epoch and predict at the end
+    checkpoint_dir: str | None = None  # keep last.ckpt there
+    resume: bool = False  # resume from checkpoint_dir/last.ckpt
+    stop_after_epochs: int | None = None  # an interruption: stop once this many epochs are done
+    lr_schedule: str = "constant"
+    seed: int = 0
+
+
+class SGDSlideModule(SlideModule):
+    """SlideModule with plain SGD (momentum), the optimiser whose update is the gradient."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def build_module(scenario: Scenario) -> SlideModule:
+    torch.manual_seed(scenario.seed)
+    cls = SGDSlideModule if scenario.optimizer == "sgd" else SlideModule
+    return cls(
+        "test_resnet",
+        scenario.aggregator,
+        "binary",
+        aggregator_kwargs=SMALL_AGG[scenario.aggregator],
+        encoder_lr=1e-3,
+        aggregator_lr=3e-3,
+        lr_schedule=scenario.lr_schedule,
+        warmup_steps=2,
+    )
+
+
+def in_memory_slides(scenario: Scenario) -> list[dict[str, Any]]:
+    """Slides of K tiles, plus one of 2 tiles: fewer than 3 ranks, so one rank holds none."""
+    slides = make_slides(scenario.n_slides, k=scenario.k, seed=scenario.seed + 1)
+    slides += make_slides(1, k=2, seed=scenario.seed + 2)
+    return slides
+
+
+class Record(L.Callback):
+    """Initial and final parameters by part, and the loss of every optimiser step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def result(self, module: L.LightningModule) -> dict[str, Any]:
+        final = {n: p.detach().clone() for n, p in module.named_parameters()}
+        return {"initial": self.initial, "final": final, "losses": self.losses}
+
+
+class StopAfter(L.Callback):
+    """Stop the run after ``epochs`` epochs, as a preempted job would (the schedule stays sized
+    for the whole run)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def train(
+    scenario: Scenario,
+    world_size: int | None,
+    out_dir: Path,
+    rank: int = 0,
+    strategy: str | None = None,
+    num_nodes: int = 1,
+) -> None:
+    """Train one scenario; ``world_size=None`` is the plain single-process reference: Lightning's
+    default strategy and ``SlideModule.training_step`` with all K tiles. ``world_size`` counts
+    the devices per node; ``strategy`` a registered name instead of a configured object."""
+    module = build_module(scenario)
+    record = Record()
+    callbacks: list[L.Callback] = [record]
+    if scenario.stop_after_epochs is not None:
+        callbacks.append(StopAfter(scenario.stop_after_epochs))
+    if scenario.checkpoint_dir is not None:
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(scenario.checkpoint_dir, save_last=True)
+        )
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": world_size or 1,
+        "num_nodes": num_nodes,
+        "max_epochs": scenario.epochs,
+        "logger": False,
+        "enable_checkpointing": scenario.checkpoint_dir is not None,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "callbacks": callbacks,
+        **scenario.trainer,
+    }
+    if strategy is not None:
+        options["strategy"] = strategy
+    elif world_size is not None:
+        options["strategy"] = SlideParallelStrategy(encode_chunk_size=scenario.chunk)
+    trainer = L.Trainer(**options)
+    ckpt_path = None
+    if scenario.resume:
+        assert scenario.checkpoint_dir is not None
+        ckpt_path = str(Path(scenario.checkpoint_dir) / "last.ckpt")
+    if scenario.manifest is not None:
+        dm = SlideDataModule(
+            scenario.manifest, k=scenario.k, mpp=3.5, tile_size=32, val_fraction=0.0,
+            seed=scenario.seed, num_workers=scenario.num_workers, progress=False,
+            tiling_workers=0,
+        )  # fmt: skip
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        result = record.result(module)
+    else:
+        slides = in_memory_slides(scenario)
+        val = make_slides(4, k=5, seed=scenario.seed + 3) if scenario.evaluate else None
+        # The same shuffled order in every run and on every rank (Lightning keeps a
+        # DistributedSampler it is given; it would inject a shuffling one otherwise).
+        order = DistributedSampler(slides, num_replicas=1, rank=0, shuffle=True, seed=7)
+        loader = DataLoader(slides, batch_size=None, sampler=order)
+        val_loader = DataLoader(val, batch_size=None) if val is not None else None
+        trainer.fit(module, loader, val_loader, ckpt_path=ckpt_path)
+        result = record.result(module)
+        if val_loader is not None:
+            result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            result["predictions"] = trainer.predict(module, val_loader)
+    torch.save(result, out_dir / f"{scenario.name}.rank{rank}.pt")
+
+
+def _worker(rank: int, world_size: int, port: int, scenarios: list[Scenario], out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        GLOBAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for scenario in scenarios:
+        train(scenario, world_size, Path(out), rank)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(world_size: int | None, scenarios: list[Scenario], out_dir: Path) -> None:
+    """Train every scenario on ``world_size`` processes; results in ``out_dir``.
+
+    ``None`` trains the plain single-process reference in this process.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if world_size is None:
+        for scenario in scenarios:
+            train(scenario, None, out_dir)
+        return
+    mp.spawn(
+        _worker,
+        args=(world_size, free_port(), scenarios, str(out_dir)),
+        nprocs=world_size,
+        join=True,
+    )
+
+
+def load(out_dir: Path, name: str, rank: int = 0) -> dict[str, Any]:
+    return torch.load(out_dir / f"{name}.rank{rank}.pt", weights_only=False)
+
+
+def normalised_l1(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str) -> float:
+    """``sum |a - b| / sum |a|`` over the parameters of one part ("encoder" or "aggregator")."""
+    names = [n for n in a if n.startswith(part + ".")]
+    diff = sum(float((a[n] - b[n]).abs().sum()) for n in names)
+    return diff / sum(float(a[n].abs().sum()) for n in names)
+
+
+def updates(result: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {n: result["final"][n] - result["initial"][n] for n in result["final"]}
