@@ -64,22 +64,26 @@ def backward_in_chunks(
     chunk_size: int,
     states: list[RngState],
     context: Callable[[], AbstractContextManager],
+    before_last: Callable[[], None] | None = None,
 ) -> None:
     """Re-encode each chunk with autograd and backpropagate its rows of ``grad`` ``[k, D]``.
 
     ``context`` re-enters the forward's precision context (autocast); the RNG state after the
     call is the one before it, so the replay leaves no trace in later randomness.
+    ``before_last`` runs just before the last chunk's backward, the one that leaves the encoder's
+    gradients final (the gradient sum arms its hooks there).
     """
     after = RngState.capture(states[0].device) if states else None
+    pieces = list(zip(tiles.split(chunk_size), grad.split(chunk_size), states, strict=True))
     try:
-        for chunk, chunk_grad, state in zip(
-            tiles.split(chunk_size), grad.split(chunk_size), states, strict=True
-        ):
+        for i, (chunk, chunk_grad, state) in enumerate(pieces):
             state.restore()
             with torch.enable_grad(), context():
                 features = encode(chunk)
             if not features.requires_grad:  # a frozen encoder: nothing to backpropagate
                 return
+            if before_last is not None and i == len(pieces) - 1:
+                before_last()
             torch.autograd.backward(features, chunk_grad.to(features.dtype))
     finally:
         if after is not None:

@@ -8,7 +8,7 @@ function here is a collective: all ranks of the group must call it, in the same 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,6 @@ __all__ = [
     "exchange_shard_info",
     "gather_rows",
     "scatter_rows",
-    "sum_gradients",
 ]
 
 
@@ -144,33 +143,3 @@ def scatter_rows(
     else:
         dist.scatter(out, None, src=src)
     return out[: info.sizes[rank]]
-
-
-def sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """All-reduce (SUM) the gradients of ``params`` in one flat buffer per dtype and device.
-
-    A parameter without a gradient contributes zeros; it gets a gradient afterwards if any rank
-    had one (the aggregator's, which only rank 0 ran), and stays ``None`` if none had, as in a
-    single process. Adding exact zeros leaves rank 0's aggregator gradient bit-identical.
-    """
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault((p.dtype, p.device), []).append(p)
-    for (dtype, device), group in groups.items():
-        has_grad = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
-            + [has_grad]
-        )
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        values, counts = flat[: -len(group)], flat[-len(group) :]
-        for p, chunk, count in zip(
-            group, values.split([p.numel() for p in group]), counts.tolist(), strict=True
-        ):
-            if count == 0:
-                continue
-            chunk = chunk.view_as(p)
-            if p.grad is None:
-                p.grad = chunk.clone()
-            else:
-                p.grad.copy_(chunk)

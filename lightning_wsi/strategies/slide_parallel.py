@@ -7,8 +7,9 @@ Training step, on N ranks holding the same slide (DESIGN.md, "The method"):
    ``aggregate(f, coords)`` and ``slide_loss`` on a detached copy ``f`` ``[K, D]``;
 3. in ``backward``, rank 0 backpropagates the loss to ``dL/df``, splits it by shard and scatters
    the slices; rank r backpropagates ``(f_r * g_r).sum()`` through its encoder;
-4. all gradients are summed over ranks in one flat all-reduce: encoder gradients add up to the
-   single-process gradient, aggregator gradients exist on rank 0 only and others add zeros.
+4. all gradients are summed over ranks (``grad_sync.py``: buckets that start during the
+   encoder's backward): encoder gradients add up to the single-process gradient, aggregator
+   gradients exist on rank 0 only and others add zeros.
 
 Every rank then takes the same optimiser step. Step 4 is complete when ``backward`` returns, which
 is where Lightning's closure ends and gradient clipping and ``on_before_optimizer_step`` begin.
@@ -46,8 +47,8 @@ from lightning_wsi.strategies.collectives import (
     exchange_shard_info,
     gather_rows,
     scatter_rows,
-    sum_gradients,
 )
+from lightning_wsi.strategies.grad_sync import GradientSum
 
 __all__ = ["SlideParallelStrategy"]
 
@@ -96,6 +97,8 @@ class SlideParallelStrategy(DDPStrategy):
     Args:
         encode_chunk_size: Encode at most this many tiles at a time on each rank, with gradient
             caching in training; ``None`` encodes a rank's shard at once.
+        bucket_cap_mb: Size of the gradient buckets whose all-reduce starts during the
+            encoder's backward (the encoder is the module's ``encoder`` attribute, if any).
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: Timeout of the collectives.
         start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``.
@@ -107,6 +110,7 @@ class SlideParallelStrategy(DDPStrategy):
     def __init__(
         self,
         encode_chunk_size: int | None = None,
+        bucket_cap_mb: float = 25.0,
         accelerator: L.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -130,9 +134,14 @@ class SlideParallelStrategy(DDPStrategy):
             raise ValueError(
                 f"Expected a positive `encode_chunk_size` (or None), got {encode_chunk_size}."
             )
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"Expected a positive `bucket_cap_mb`, got {bucket_cap_mb}.")
         self.encode_chunk_size = encode_chunk_size
+        self.bucket_cap_mb = bucket_cap_mb
         self._pending: _Pending | None = None
         self._sync_blocked = False
+        self._grad_sum: GradientSum | None = None
+        self._grad_sum_key: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ set-up
 
@@ -235,6 +244,8 @@ class SlideParallelStrategy(DDPStrategy):
             if full_grad is None:  # the loss does not depend on the features
                 full_grad = torch.zeros_like(pending.leaf)
         grad = scatter_rows(full_grad, pending.info, like=pending.features)
+        gradient_sum = None if self._sync_blocked else self._gradient_sum(module)
+        begin = gradient_sum.begin if gradient_sum is not None else None
         if pending.states is not None:
             assert pending.tiles is not None and self.encode_chunk_size is not None
             backward_in_chunks(
@@ -244,14 +255,44 @@ class SlideParallelStrategy(DDPStrategy):
                 self.encode_chunk_size,
                 pending.states,
                 self.precision_plugin.train_step_context,
+                before_last=begin,
             )
         elif pending.features.requires_grad:
+            if begin is not None:
+                begin()
             torch.autograd.backward(pending.features, grad.to(pending.features.dtype))
-        if not self._sync_blocked:
-            sum_gradients(p for p in module.parameters() if p.requires_grad)
+        if gradient_sum is not None:
+            gradient_sum.finish()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _gradient_sum(self, module: nn.Module) -> GradientSum:
+        """The bucketed gradient sum for the current trainable parameters (rebuilt if they
+        change, e.g. a callback unfreezing the encoder). The encoder's parameters, last layer
+        first, lead so that their buckets start during its backward."""
+        encoder = getattr(module, "encoder", None)
+        first = [p for p in encoder.parameters() if p.requires_grad][::-1] if isinstance(
+            encoder, nn.Module
+        ) else []  # fmt: skip
+        ids = {id(p) for p in first}
+        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids][::-1]
+        key = tuple(id(p) for p in first + rest)
+        if self._grad_sum is None or self._grad_sum_key != key:
+            if self._grad_sum is not None:
+                self._grad_sum.remove()
+            self._grad_sum = GradientSum(
+                first + rest, overlapped=len(first), bucket_bytes=int(self.bucket_cap_mb * 2**20)
+            )
+            self._grad_sum_key = key
+        return self._grad_sum
+
+    @override
+    def teardown(self) -> None:
+        if self._grad_sum is not None:
+            self._grad_sum.remove()
+            self._grad_sum, self._grad_sum_key = None, ()
+        super().teardown()
 
     # ------------------------------------------------------------------ evaluation
 

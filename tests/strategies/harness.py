@@ -51,6 +51,7 @@ class Scenario:
     resume: bool = False  # resume from checkpoint_dir/last.ckpt
     stop_after_epochs: int | None = None  # an interruption: stop once this many epochs are done
     lr_schedule: str = "constant"
+    bucket_cap_mb: float = 0.05
     seed: int = 0
 
 
@@ -149,7 +150,10 @@ def train(
     if strategy is not None:
         options["strategy"] = strategy
     elif world_size is not None:
-        options["strategy"] = SlideParallelStrategy(encode_chunk_size=scenario.chunk)
+        # Small buckets: many of them, started in order during the encoder's backward.
+        options["strategy"] = SlideParallelStrategy(
+            encode_chunk_size=scenario.chunk, bucket_cap_mb=scenario.bucket_cap_mb
+        )
     trainer = L.Trainer(**options)
     ckpt_path = None
     if scenario.resume:

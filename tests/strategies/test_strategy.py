@@ -9,13 +9,61 @@ import hydra.utils
 import lightning as L
 import pytest
 import torch
-from harness import Scenario, load, normalised_l1, run_world
+from harness import Scenario, in_memory_slides, load, normalised_l1, run_world
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_wsi import SlideParallelStrategy
 from lightning_wsi.data import make_synthetic_dataset
+
+
+class TinyMIL(L.LightningModule):
+    """A user's own module: the protocol only, no ``encoder`` attribute, plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.score = nn.Linear(8, 1, bias=False)
+        self.head = nn.Linear(8, 1)
+
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.conv(tiles).flatten(1)
+
+    def aggregate(self, features: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+        weights = torch.softmax(self.score(features).squeeze(1), dim=0)
+        return self.head(weights @ features)
+
+    def slide_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(output[0], batch["target"].float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.slide_loss(self.aggregate(self.encode(batch["tiles"]), None), batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_a_users_own_module_trains_like_one_process() -> None:
+    slides = in_memory_slides(Scenario("tiny", k=9))
+    order = DistributedSampler(slides, num_replicas=1, rank=0, shuffle=False)
+    results = []
+    for strategy in ("auto", SlideParallelStrategy(start_method="spawn", bucket_cap_mb=1e-4)):
+        module = TinyMIL()
+        L.Trainer(
+            accelerator="cpu", devices=1 if strategy == "auto" else 3, strategy=strategy,
+            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module, DataLoader(slides, batch_size=None, sampler=order))  # fmt: skip
+        results.append({n: p.detach().clone() for n, p in module.named_parameters()})
+    reference, ours = results
+    assert not torch.equal(reference["conv.0.weight"], TinyMIL().conv[0].weight)
+    for name, value in reference.items():
+        diff = float((value - ours[name]).abs().sum() / value.abs().sum())
+        assert diff <= 1e-5, name
 
 
 def test_registered_names_and_start_methods() -> None:
