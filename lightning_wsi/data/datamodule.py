@@ -84,6 +84,7 @@ class SlideDataModule(LightningDataModule):
         pin_memory: pin loaded tiles for faster host-to-GPU copies.
         on_bad_slide: ``"raise"`` or ``"skip"``.
         progress: show progress bars and print the tiling summary.
+        predict_splits: splits ``predict_dataloader`` covers (e.g. ``["val"]``); all by default.
 
     Example:
         >>> import tempfile
@@ -124,8 +125,13 @@ class SlideDataModule(LightningDataModule):
         pin_memory: bool = False,
         on_bad_slide: Literal["raise", "skip"] = "raise",
         progress: bool = True,
+        predict_splits: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        # Recorded in checkpoints, so prediction reads tiles as training did (mpp, size, mean/std).
+        # The resolved mean/std are stored rather than the encoder name, which would clash with
+        # the module's own `encoder` hyperparameter in Lightning's merged hparams.
+        self.save_hyperparameters(ignore=["encoder", "mean", "std"])
         if on_bad_slide not in ("raise", "skip"):
             raise ValueError(f"on_bad_slide must be 'raise' or 'skip', got {on_bad_slide!r}")
         if k < 1 or (eval_k is not None and eval_k < 1):
@@ -143,6 +149,7 @@ class SlideDataModule(LightningDataModule):
         self.seed = seed
         self.augment = TileAugment(dihedral=augment, color_jitter=color_jitter)
         self.mean, self.std = _normalisation(mean, std, encoder)
+        self.hparams.update(mean=list(self.mean), std=list(self.std))
         self.slide_mpp = slide_mpp
         self.cache_dir = (
             Path(cache_dir) if cache_dir is not None else self.manifest.parent / ".tiles"
@@ -153,6 +160,10 @@ class SlideDataModule(LightningDataModule):
             pin_memory,
         )
         self.on_bad_slide = on_bad_slide
+        unknown = set(predict_splits or ()) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"predict_splits must be train/val/test, got {sorted(unknown)}")
+        self.predict_splits = list(predict_splits) if predict_splits is not None else None
         self.progress = progress
         self.bad_slides: list[BadSlide] = []
         self.splits: dict[str, list[SlideEntry]] = {}
@@ -274,11 +285,11 @@ class SlideDataModule(LightningDataModule):
     def _loader(self, split: str | None, train: bool) -> DataLoader:
         if not self.splits:
             self.splits = self._load()
-        slides = (
-            [e for s in ("train", "val", "test") for e in self.splits[s]]
-            if split is None
-            else self.splits[split]
-        )
+        if split is None:
+            chosen = self.predict_splits or ["train", "val", "test"]
+            slides = [e for s in ("train", "val", "test") if s in chosen for e in self.splits[s]]
+        else:
+            slides = self.splits[split]
         if not slides:
             raise ManifestError(f"split {split!r} of manifest {self.manifest} has no usable slide")
         rank, world, slide_parallel = self._placement()
@@ -335,7 +346,7 @@ class SlideDataModule(LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        """Every usable slide of the manifest, whatever its split."""
+        """Every usable slide of the splits in ``predict_splits`` (default: all of them)."""
         return self._loader(None, train=False)
 
 
