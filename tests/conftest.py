@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,3 +21,17 @@ def grid_slide(tmp_path: Path) -> Callable[..., Path]:
         return write_grid_slide(path, *args, flavour=flavour, **kwargs)
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Undo what a test's in-process Lightning launch writes into ``os.environ``.
+
+    Lightning's spawn and fork launchers set ``MASTER_PORT``, ``LOCAL_RANK`` and friends in the
+    launching process; left behind, they make every later subprocess (a training command, a
+    notebook kernel) believe it is a rank of a run that no longer exists.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -1,0 +1,180 @@
+"""The commands users run: train (Hydra), a multirun with its summary, predict, the notebook."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from hydra import compose, initialize_config_module
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "encoder=test_resnet",
+    "K=8",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "heatmaps=2",
+    "bootstrap=100",
+]
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    launch = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith("PL_")}
+    env.update(PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder outside the repository: the configs must come with the installed package."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> Path:
+    data = f"data.synthetic.root={workdir / 'slides'}"
+    done = _run(
+        ["-m", "lightning_wsi.train", *TINY, data, "data.synthetic.n_slides=8",
+         f"hydra.run.dir={workdir / 'run'}"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir / "run"
+
+
+def test_train_writes_every_output_and_prints_the_final_metrics(trained: Path) -> None:
+    for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "loss.png",
+                 "roc.png", "predictions.csv", "summary.json", ".hydra/config.yaml"):  # fmt: skip
+        assert (trained / name).is_file(), name
+    assert len(list((trained / "heatmaps").glob("*.png"))) == 2
+    with open(trained / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2  # the validation quarter of 8 slides, one of each class
+    assert {r["target"] for r in rows} == {"0", "1"}
+    log = (trained / "train.log").read_text() if (trained / "train.log").exists() else ""
+    assert "error" not in log.lower()
+
+
+def test_train_prints_auroc_with_ci_and_where_outputs_are(workdir: Path, trained: Path) -> None:
+    done = _run(
+        ["-m", "lightning_wsi.train", *TINY, f"data.synthetic.root={workdir / 'slides'}",
+         "data.synthetic.n_slides=8", "trainer.max_epochs=1", f"hydra.run.dir={workdir / 'again'}"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    auroc = [line for line in lines if line.startswith("val/auroc ")]
+    assert auroc and "[" in auroc[0] and "]" in auroc[0]
+    assert any(line.startswith("val/loss ") for line in lines)
+    assert lines[-1] == f"outputs: {workdir / 'again'}"
+
+
+def test_train_command_on_two_slide_parallel_processes(workdir: Path, trained: Path) -> None:
+    """Lightning's launcher re-runs the Hydra command for rank 1 in the same run folder."""
+    run = workdir / "parallel"
+    done = _run(
+        ["-m", "lightning_wsi.train", *TINY, "strategy=slide_parallel", "trainer.max_epochs=1",
+         f"data.synthetic.root={workdir / 'slides'}", "data.synthetic.n_slides=8",
+         f"hydra.run.dir={run}"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["devices"] == 2 and summary["val_slides"] == 2
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_multirun_over_k_and_its_summary(workdir: Path, trained: Path) -> None:
+    sweep = workdir / "sweep"
+    done = _run(
+        ["-m", "lightning_wsi.train", "-m", *TINY, "K=4,16", "trainer.max_epochs=1",
+         f"data.synthetic.root={workdir / 'slides'}", "data.synthetic.n_slides=8",
+         f"hydra.sweep.dir={sweep}"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.rglob("summary.json"))) == 2
+    done = _run(["-m", "lightning_wsi.summarize", str(sweep)], workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["K"]) for r in rows] == [4, 16]
+    assert all(r["stratum"] == "1 device, no chunking, end to end" for r in rows)
+    assert (sweep / "k_sweep.png").stat().st_size > 10_000
+    assert "val AUROC [95% CI]" in done.stdout
+
+
+def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None:
+    out = workdir / "predicted"
+    done = _run(
+        ["-m", "lightning_wsi.predict", str(trained / "checkpoints" / "last.ckpt"),
+         str(workdir / "slides" / "manifest.csv"), "--out", str(out), "--heatmaps", "1"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(0.0 <= float(r["prediction"]) <= 1.0 for r in rows)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["-m", "lightning_wsi.train", "data=csv"], 2,
+         "error: data.datamodule.manifest must be set"),
+        (["-m", "lightning_wsi.train", "aggregator=gmaa"], 1, "Available options in 'aggregator'"),
+        (["-m", "lightning_wsi.train", "trainer.max_epoch=3"], 2,
+         "unknown config key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
+        (["-m", "lightning_wsi.predict", "missing.ckpt", "slides.csv"], 2,
+         "error: checkpoint not found: missing.ckpt"),
+        (["-m", "lightning_wsi.summarize", "nowhere"], 2, "error: no summary.json under nowhere"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_clear_line(workdir: Path, args, code, expected) -> None:
+    done = _run(args, workdir)
+    assert done.returncode == code, done.stderr
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_every_config_composes() -> None:
+    with initialize_config_module("lightning_wsi.conf", version_base="1.3"):
+        for experiment in ("egfr_luad", "breast_wsi", "foundation"):
+            cfg = compose("train", overrides=[f"experiment={experiment}"])
+            assert cfg.mpp == 0.5 and cfg.tile_size == 224
+            assert cfg.trainer.strategy._target_ == "lightning_wsi.SlideParallelStrategy"
+        for group, options in {
+            "encoder": ("resnet10t", "test_resnet", "test_vit", "resnet18", "resnet50",
+                        "vit_small", "vit_base", "foundation_local"),
+            "aggregator": ("gma", "transformer", "mean"),
+            "strategy": ("single_device", "slide_parallel", "slide_parallel_chunked", "ddp"),
+            "trainer": ("cpu", "gpu", "multinode"),
+            "task": ("binary", "multiclass", "regression"),
+        }.items():  # fmt: skip
+            for option in options:
+                cfg = compose("train", overrides=[f"{group}={option}"], return_hydra_config=True)
+                assert cfg.hydra.runtime.choices[group] == option
+
+
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
+    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    )
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "validation AUROC" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)
