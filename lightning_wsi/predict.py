@@ -1,8 +1,10 @@
 """Predict slides with a trained checkpoint: ``python -m lightning_wsi.predict CKPT MANIFEST``.
 
-Reads the slides as training did (the checkpoint records the data module's mpp, tile size and
-normalisation), encodes every tissue tile of each slide (or ``--eval-k`` of them), and writes
-``predictions.csv`` and attention heatmaps. Bad slides are named and skipped, never silently lost.
+The manifest needs ``slide_id`` and ``path``; a ``label`` column, where given, is reported as
+the target beside each prediction. Slides are read as in training (the checkpoint records the
+data module's mpp, tile size and normalisation); every tissue tile of each slide (or
+``--eval-k`` of them) is encoded, and ``predictions.csv`` and attention heatmaps are written. Bad
+slides are named and skipped, never silently lost.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def predict(
     if eval_k is not None:
         kwargs["eval_k"] = eval_k
     datamodule = SlideDataModule(
-        manifest, val_fraction=0.0, num_workers=num_workers, on_bad_slide="skip", **kwargs
-    )
+        manifest, val_fraction=0.0, num_workers=num_workers, on_bad_slide="skip",
+        require_labels=False, **kwargs,
+    )  # fmt: skip
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
         enable_model_summary=False,
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``lightning-wsi-predict``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m lightning_wsi.predict", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by training")
-    parser.add_argument("manifest", type=Path, help="CSV with slide_id, path, label[, mpp]")
+    parser.add_argument("manifest", type=Path, help="CSV with slide_id, path[, label, mpp]")
     parser.add_argument("--out", type=Path, default=Path("outputs/predictions"))
     parser.add_argument("--heatmaps", type=int, default=6, help="heatmaps for this many slides")
     parser.add_argument("--accelerator", default="auto")

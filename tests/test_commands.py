@@ -126,6 +126,23 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(0.0 <= float(r["prediction"]) <= 1.0 for r in rows)
     assert len(list((out / "heatmaps").glob("*.png"))) == 1
+    # Slides without labels: a manifest of slide_id and path only.
+    unlabeled = workdir / "slides" / "unlabeled.csv"
+    with open(workdir / "slides" / "manifest.csv") as f:
+        listed = list(csv.DictReader(f))[:3]
+    unlabeled.write_text(
+        "slide_id,path\n" + "".join(f"{r['slide_id']},{r['path']}\n" for r in listed)
+    )
+    done = _run(
+        ["-m", "lightning_wsi.predict", str(trained / "checkpoints" / "last.ckpt"),
+         str(unlabeled), "--out", str(workdir / "unlabeled"), "--heatmaps", "0"],
+        workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(workdir / "unlabeled" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["slide_id"] for r in rows] == [r["slide_id"] for r in listed]
+    assert all(r["target"] == "" and r["prediction"] for r in rows)
 
 
 @pytest.mark.parametrize(

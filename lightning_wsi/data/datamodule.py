@@ -85,6 +85,9 @@ class SlideDataModule(LightningDataModule):
         on_bad_slide: ``"raise"`` or ``"skip"``.
         progress: show progress bars and print the tiling summary.
         predict_splits: splits ``predict_dataloader`` covers (e.g. ``["val"]``); all by default.
+        require_labels: ``False`` accepts slides without a label (no ``label`` column or an
+            empty one) for prediction; their items carry no ``target``, and slides without a
+            ``split`` all go to ``train``, as nothing is fitted on them.
 
     Example:
         >>> import tempfile
@@ -126,6 +129,7 @@ class SlideDataModule(LightningDataModule):
         on_bad_slide: Literal["raise", "skip"] = "raise",
         progress: bool = True,
         predict_splits: Sequence[str] | None = None,
+        require_labels: bool = True,
     ) -> None:
         super().__init__()
         # Recorded in checkpoints, so prediction reads tiles as training did (mpp, size, mean/std).
@@ -164,6 +168,7 @@ class SlideDataModule(LightningDataModule):
         if unknown:
             raise ValueError(f"predict_splits must be train/val/test, got {sorted(unknown)}")
         self.predict_splits = list(predict_splits) if predict_splits is not None else None
+        self.require_labels = require_labels
         self.progress = progress
         self.bad_slides: list[BadSlide] = []
         self.splits: dict[str, list[SlideEntry]] = {}
@@ -192,7 +197,7 @@ class SlideDataModule(LightningDataModule):
 
     def _tile_manifest(self) -> tuple[list[SlideRecord], list[BadSlide], TilingSummary]:
         if self._tiling is None:
-            records, bad = read_manifest(self.manifest)
+            records, bad = read_manifest(self.manifest, require_labels=self.require_labels)
             jobs = [SlideJob(r.slide_id, r.path, r.mpp or self.slide_mpp) for r in records]
             summary = tile_many(
                 jobs,
@@ -214,7 +219,9 @@ class SlideDataModule(LightningDataModule):
         good: list[tuple[SlideRecord, SlideEntry]] = []
         for record, tiles in zip(records, summary.results, strict=True):
             try:
-                target = parse_target(record.label, self.task, self.classes, self.num_classes)
+                target = None
+                if record.label or self.require_labels:
+                    target = parse_target(record.label, self.task, self.classes, self.num_classes)
             except ValueError as err:
                 bad.append(BadSlide(record.slide_id, record.path, str(err)))
                 continue
@@ -233,6 +240,8 @@ class SlideDataModule(LightningDataModule):
 
     def _assign_splits(self, good: list[tuple[SlideRecord, SlideEntry]]) -> list[str]:
         given = [record.split for record, _ in good]
+        if not self.require_labels:  # nothing is fitted: keep given splits, the rest in train
+            return [split or "train" for split in given]
         if any(given):
             missing = [r.slide_id for r, _ in good if not r.split]
             if missing:

@@ -34,7 +34,7 @@ class SlideEntry:
 
     slide_id: str
     path: str
-    target: int | float
+    target: int | float | None  # None: an unlabeled slide (prediction only)
     tiles: SlideTiles
 
 
@@ -110,11 +110,12 @@ class SlideDataset(Dataset):
                 factors = np.stack([f for _, f in draws]) if draws else np.zeros((0, 4), np.float32)
                 item["color_jitter"] = torch.from_numpy(factors)
         pixels = self._read(entry, coords, symmetries)
-        target_dtype = torch.float32 if isinstance(entry.target, float) else torch.int64
+        if entry.target is not None:
+            target_dtype = torch.float32 if isinstance(entry.target, float) else torch.int64
+            item["target"] = torch.tensor(entry.target, dtype=target_dtype)
         item.update(
             tiles=torch.from_numpy(pixels).permute(0, 3, 1, 2),
             coords=torch.from_numpy(coords.copy()),
-            target=torch.tensor(entry.target, dtype=target_dtype),
             slide_id=entry.slide_id,
             tile_index=torch.from_numpy(shard.copy()),
             num_tiles=len(sample),

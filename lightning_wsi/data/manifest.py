@@ -59,8 +59,11 @@ class BadSlide:
         return f"{self.slide_id} ({self.path}): {self.reason}"
 
 
-def read_manifest(manifest: str | os.PathLike) -> tuple[list[SlideRecord], list[BadSlide]]:
-    """Read a manifest CSV.
+def read_manifest(
+    manifest: str | os.PathLike, require_labels: bool = True
+) -> tuple[list[SlideRecord], list[BadSlide]]:
+    """Read a manifest CSV (``require_labels=False``: the ``label`` column may be absent or
+    empty, as for slides to predict).
 
     Returns:
         The usable rows, and the rows that are bad in themselves (empty id or path, an ``mpp``
@@ -75,11 +78,12 @@ def read_manifest(manifest: str | os.PathLike) -> tuple[list[SlideRecord], list[
     with manifest.open(newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        required = REQUIRED_COLUMNS if require_labels else ("slide_id", "path")
+        missing = [c for c in required if c not in columns]
         if missing:
             raise ManifestError(
                 f"manifest {manifest} lacks column(s) {missing}; it has {columns}. "
-                f"Required: {list(REQUIRED_COLUMNS)}, optional: ['split', 'mpp']"
+                f"Required: {list(required)}, optional: ['split', 'mpp']"
             )
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     records, bad, seen = [], [], {}
@@ -109,7 +113,7 @@ def read_manifest(manifest: str | os.PathLike) -> tuple[list[SlideRecord], list[
             if not mpp > 0:
                 bad.append(BadSlide(slide_id, path, f"mpp {row['mpp']!r} is not a positive number"))
                 continue
-        records.append(SlideRecord(slide_id, path, row["label"], split, mpp, number))
+        records.append(SlideRecord(slide_id, path, row.get("label", ""), split, mpp, number))
     return records, bad
 
 

@@ -74,6 +74,21 @@ def test_split_seed_and_manifest_split_column(cohort):
     assert sorted(e.slide_id for e in dm.splits["val"]) == ["s2", "s5"]
 
 
+def test_unlabeled_slides_for_prediction(cohort):
+    rows = [{"slide_id": f"s{i}", "path": f"slides/s{i}.tiff"} for i in range(3)]
+    with pytest.raises(ManifestError, match=r"lacks column\(s\) \['label'\]"):
+        SlideDataModule(_manifest(cohort, rows), progress=False, **SMALL).setup("predict")
+    rows = [dict(r, label="1" if i == 0 else "") for i, r in enumerate(rows)]
+    dm = SlideDataModule(
+        _manifest(cohort, rows), val_fraction=0.0, require_labels=False, progress=False, **SMALL
+    )
+    dm.setup("predict")
+    items = {b["slide_id"]: b for b in dm.predict_dataloader()}
+    assert sorted(items) == ["s0", "s1", "s2"]
+    assert int(items["s0"]["target"]) == 1 and "target" not in items["s1"]
+    assert items["s2"]["tiles"].shape == (12, 3, 56, 56)
+
+
 def test_val_fraction_zero_trains_without_validation(cohort):
     dm = SlideDataModule(_manifest(cohort, _good_rows()), val_fraction=0.0, progress=False, **SMALL)
     dm.setup("fit")
