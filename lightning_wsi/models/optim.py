@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 __all__ = ["WarmupCosine", "param_groups"]
@@ -17,11 +18,16 @@ def param_groups(
     aggregator_lr: float,
     weight_decay: float,
 ) -> list[dict[str, Any]]:
-    """Optimiser parameter groups: one learning rate per part, no weight decay on 1-D tensors.
+    """Optimiser parameter groups: one learning rate per part, weight decay as timm decides it.
 
-    Biases and normalisation scales (every parameter with at most one dimension) get no weight
-    decay, as usual for AdamW. Frozen parameters (``requires_grad=False``) and empty groups are left
-    out, so a frozen encoder contributes no group at all.
+    A part's parameters go to its no-decay group by timm's own rule
+    (``timm.optim.param_groups_weight_decay``): biases and normalisation scales (every parameter
+    with at most one dimension or named ``*.bias``) and the parameters the part's
+    ``no_weight_decay()`` names, such as a ViT's ``cls_token``, ``reg_token`` and ``pos_embed``
+    (timm's ``create_optimizer_v2`` leaves them out of weight decay the same way). Frozen
+    parameters (``requires_grad=False``) and empty groups are left out, so a frozen encoder
+    contributes no group at all. The split does not depend on ``weight_decay``: with 0 both
+    groups still exist.
 
     Args:
         encoder: The tile encoder.
@@ -44,9 +50,7 @@ def param_groups(
         ("encoder", encoder, encoder_lr),
         ("aggregator", aggregator, aggregator_lr),
     ):
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.ndim > 1]
-        no_decay = [p for p in trainable if p.ndim <= 1]
+        decay, no_decay = _split_decay(module)
         if decay:
             groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": weight_decay})
         if no_decay:
@@ -54,6 +58,17 @@ def param_groups(
                 {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}
             )
     return groups
+
+
+def _split_decay(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``module``'s trainable parameters with and without weight decay, in module order."""
+    skip = getattr(module, "no_weight_decay", None)
+    names = set(skip()) if callable(skip) else set()
+    # Any non-zero decay marks timm's decayed group: with 0 it puts every parameter in one group.
+    split = param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=names)
+    decay = [p for g in split if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in split if not g["weight_decay"] for p in g["params"]]
+    return decay, no_decay
 
 
 class WarmupCosine:

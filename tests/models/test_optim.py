@@ -1,12 +1,23 @@
-"""Optimiser parameter groups and the warm-up + cosine schedule."""
+"""Optimiser parameter groups, the warm-up + cosine schedule, and the AdamW implementation."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
+import timm
+import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+from slide_batches import make_slides, make_trainer
 from torch import nn
+from torch.utils.data import DataLoader
 
+from lightning_wsi import SlideModule
+from lightning_wsi.models.module import _adamw_implementation
 from lightning_wsi.models.optim import WarmupCosine, param_groups
 
 
@@ -41,3 +52,145 @@ def test_warmup_then_cosine() -> None:
 def test_unknown_length_keeps_the_rate_after_warmup() -> None:
     f = WarmupCosine(total_steps=None, warmup_steps=2)
     assert [f(s) for s in (0, 1, 2, 1000)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------- weight decay as timm decides it
+
+
+def _names(module: nn.Module, params: list[nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in module.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])  # the split must not depend on the value
+def test_vit_tokens_and_position_embeddings_skip_weight_decay(weight_decay: float) -> None:
+    encoder = timm.create_model("test_vit", num_classes=0, img_size=32)
+    assert {"cls_token", "pos_embed"} <= encoder.no_weight_decay()
+    groups = {
+        g["name"]: g for g in param_groups(encoder, nn.Linear(64, 1), 1e-4, 1e-3, weight_decay)
+    }
+    decay = _names(encoder, groups["encoder"]["params"])
+    no_decay = _names(encoder, groups["encoder_no_decay"]["params"])
+    assert {"cls_token", "pos_embed"} <= no_decay
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= decay
+    assert "blocks.0.attn.qkv.bias" in no_decay and "norm.weight" in no_decay
+    assert not decay & no_decay
+    assert len(decay) + len(no_decay) == len(list(encoder.parameters()))
+    assert groups["encoder"]["weight_decay"] == weight_decay
+    assert groups["encoder_no_decay"]["weight_decay"] == 0.0
+
+
+class _TokenAggregator(nn.Module):
+    """An aggregator with a learned 2-D token that it keeps out of weight decay, as timm does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 4))
+        self.head = nn.Linear(4, 1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"token"}
+
+
+def test_aggregator_no_weight_decay_is_honoured() -> None:
+    aggregator = _TokenAggregator()
+    groups = {g["name"]: g for g in param_groups(nn.Linear(4, 4), aggregator, 1e-4, 1e-3, 0.1)}
+    assert _names(aggregator, groups["aggregator"]["params"]) == {"head.weight"}
+    assert _names(aggregator, groups["aggregator_no_decay"]["params"]) == {"token", "head.bias"}
+
+
+# ----------------------------------------------------------------- AdamW implementation
+
+
+def _precision(name: str) -> dict[str, Any]:
+    """Trainer arguments for a precision; "16-mixed-scaler" forces fp16 with a GradScaler on the
+    CPU, where Lightning 2.6 turns ``precision="16-mixed"`` into bf16-mixed."""
+    if name == "16-mixed-scaler":
+        return {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    return {"precision": name}
+
+
+def _refuses_fused_clipping(trainer: L.Trainer) -> bool:
+    """Whether Lightning's own precision plugin raises when clipping under a fused AdamW."""
+    fused = torch.optim.AdamW([nn.Parameter(torch.ones(2, 2))], fused=True)
+    try:
+        trainer.precision_plugin.clip_gradients(fused, trainer.gradient_clip_val or 0.0)
+    except RuntimeError as error:
+        assert "performs unscaling of gradients internally" in str(error)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("clip", [None, 0.0, 1.0])
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-true", "bf16-mixed", "16-mixed", "16-mixed-scaler"]
+)
+def test_adamw_is_fused_unless_the_precision_plugin_refuses_it_for_clipping(
+    precision: str, clip: float | None
+) -> None:
+    trainer = make_trainer(gradient_clip_val=clip, **_precision(precision))
+    groups = param_groups(nn.Linear(4, 4), nn.Linear(4, 1), 1e-4, 1e-3, 0.01)
+    mixed = precision.endswith(("mixed", "scaler"))
+    expected = {"foreach": True} if mixed and clip else {"fused": True}
+    assert _adamw_implementation(groups, trainer) == expected
+    assert _refuses_fused_clipping(trainer) == ("foreach" in expected)  # mirrors Lightning
+    assert _adamw_implementation(groups) == {"fused": True}  # no trainer: a module on its own
+
+
+def test_a_grad_scaler_that_does_not_refuse_still_gets_foreach() -> None:
+    """FSDP's fp16 plugin skips ``unscale_`` for a fused optimiser and would clip scaled grads."""
+    with warnings.catch_warnings():  # its default scaler is a CUDA one, disabled on this CPU
+        warnings.simplefilter("ignore")
+        plugin = FSDPPrecision("16-mixed")
+    assert plugin.scaler is not None
+    groups = param_groups(nn.Linear(4, 4), nn.Linear(4, 1), 1e-4, 1e-3, 0.01)
+    clipping = SimpleNamespace(precision_plugin=plugin, gradient_clip_val=0.5)
+    assert _adamw_implementation(groups, clipping) == {"foreach": True}
+    no_clip = SimpleNamespace(precision_plugin=plugin, gradient_clip_val=None)
+    assert _adamw_implementation(groups, no_clip) == {"fused": True}
+
+
+class _RecordClippedNorm(SlideModule):
+    """Records the total gradient norm right after Lightning clipped it."""
+
+    clipped_norms: list[float]
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norms = [p.grad.float().norm() for p in self.parameters() if p.grad is not None]
+        self.clipped_norms.append(float(torch.stack(norms).norm()))
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "implementation"),
+    [
+        ("bf16-mixed", 1.0, "foreach"),  # trainer=gpu's precision and clipping
+        ("16-mixed-scaler", 1.0, "foreach"),  # fp16 with a GradScaler: unscale, clip, step
+        ("16-mixed-scaler", None, "fused"),  # the fused kernel unscales itself
+    ],
+)
+def test_mixed_precision_with_clipping_trains(
+    precision: str, clip: float | None, implementation: str
+) -> None:
+    module = _RecordClippedNorm(
+        "test_resnet", "gma", "binary", aggregator_kwargs={"hidden_dim": 16, "attention_dim": 8}
+    )
+    module.clipped_norms = []
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = make_trainer(max_steps=2, gradient_clip_val=clip, **_precision(precision))
+    trainer.fit(module, DataLoader(make_slides(2, k=4), batch_size=None))
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults[implementation] is True
+    after = dict(module.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    moved = {n for n, p in after.items() if not torch.equal(p, before[n])}
+    assert any(n.startswith("encoder.") for n in moved)
+    assert any(n.startswith("aggregator.") for n in moved)
+    assert len(module.clipped_norms) == 2
+    if clip:  # clipped the true (unscaled) gradients, not the loss-scaled ones
+        assert all(0 < norm <= clip * 1.001 for norm in module.clipped_norms)
