@@ -7,15 +7,19 @@ function here is a collective: all ranks of the group must call it, in the same 
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
 
 __all__ = [
     "ShardInfo",
     "all_gather_rows",
+    "broadcast_output",
     "exchange_shard_info",
     "gather_rows",
     "scatter_rows",
@@ -26,22 +30,32 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class ShardInfo:
-    """What every rank holds of the current slide: shard sizes in rank order, feature layout.
+    """What every rank holds of the current step: shard sizes in rank order, feature layout, flags.
 
     Attributes:
         sizes: Rows (tiles) per rank, in rank order; their sum is the slide's K.
         offsets: Start of each rank's rows in the concatenation.
         width: Feature size ``D`` (from any rank that encoded tiles; 0 if none did).
         dtype: Feature dtype, as ``width``.
+        failed: Ranks that failed before the exchange (their step raised or their loader did).
+        needs_grad: Whether any rank's features carry a graph back into an encoder; ``False``
+            for a frozen encoder, which then needs no ``dL/df``.
     """
 
     def __init__(
-        self, sizes: Sequence[int], width: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        sizes: Sequence[int],
+        width: int = 0,
+        dtype: torch.dtype = torch.float32,
+        failed: Sequence[int] = (),
+        needs_grad: bool = True,
     ) -> None:
         self.sizes = [int(s) for s in sizes]
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
         self.width = width
         self.dtype = dtype
+        self.failed = list(failed)
+        self.needs_grad = needs_grad
 
     @property
     def total(self) -> int:
@@ -53,31 +67,47 @@ class ShardInfo:
 
 
 def exchange_shard_info(
-    features: torch.Tensor | None, n_local: int, slide_id: object, device: torch.device
+    features: torch.Tensor | None,
+    n_local: int,
+    slide_id: object,
+    *,
+    failed: bool = False,
+    needs_grad: bool | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> ShardInfo:
-    """All-gather every rank's shard size, and check that all ranks hold the same slide.
+    """All-gather every rank's shard size and flags on the host, and check the slide is the same.
+
+    One small all-gather of CPU integers on ``group``, which must be a group that reduces host
+    tensors (gloo): nothing is read back from a device, so a CUDA step is not stalled.
 
     Args:
         features: This rank's ``[n_r, D]`` features, or ``None`` for a rank without tiles (a
-            slide with fewer tiles than ranks), which learns ``D`` and the dtype from the others.
+            slide with fewer tiles than ranks, or a failed rank), which learns ``D`` and the
+            dtype from the others.
         n_local: ``n_r``.
         slide_id: The slide this rank holds.
-        device: Where the collective's tensors live (the process group's device).
+        failed: This rank failed before the exchange; every rank learns it (``ShardInfo.failed``).
+        needs_grad: Whether this rank's encoder wants ``dL/df``; default: whether ``features``
+            carry a graph.
+        group: The host process group.
 
     Raises:
         RuntimeError: Ranks hold different slides; the message names them and the fix.
     """
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     code = zlib.crc32(str(slide_id).encode()) & 0x7FFFFFFF
     width = features.shape[1] if features is not None else -1
     dtype = _DTYPES.index(features.dtype) if features is not None else -1
-    mine = torch.tensor([n_local, code, width, dtype], dtype=torch.int64, device=device)
+    if needs_grad is None:
+        needs_grad = features is not None and features.requires_grad
+    mine = torch.tensor([n_local, code, width, dtype, int(failed), int(needs_grad)])
     everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine)
-    table = torch.stack(everyone).cpu()
-    if (table[:, 1] != table[0, 1]).any():
+    dist.all_gather(everyone, mine, group=group)
+    table = torch.stack(everyone)
+    failed_ranks = [r for r in range(world) if table[r, 4]]
+    if not failed_ranks and (table[:, 1] != table[0, 1]).any():
         ids: list[object] = [None] * world
-        dist.all_gather_object(ids, str(slide_id))
+        dist.all_gather_object(ids, str(slide_id), group=group)
         raise RuntimeError(
             f"Slide-parallel ranks hold different slides in one step (by rank: {ids}). Every "
             "rank must load the same slide: use SlideDataModule, or a DataLoader whose sampler "
@@ -86,7 +116,11 @@ def exchange_shard_info(
         )
     width, dtype = int(table[:, 2].max()), int(table[:, 3].max())
     return ShardInfo(
-        table[:, 0].tolist(), max(width, 0), _DTYPES[dtype] if dtype >= 0 else torch.float32
+        table[:, 0].tolist(),
+        max(width, 0),
+        _DTYPES[dtype] if dtype >= 0 else torch.float32,
+        failed=failed_ranks,
+        needs_grad=bool(table[:, 5].any()),
     )
 
 
@@ -143,3 +177,67 @@ def scatter_rows(
     else:
         dist.scatter(out, None, src=src)
     return out[: info.sizes[rank]]
+
+
+class _Slot:
+    """Where a tensor sat in a broadcast output: its index, shape and dtype."""
+
+    def __init__(self, index: int, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.index, self.shape, self.dtype = index, tuple(shape), dtype
+
+
+def broadcast_output(
+    output: Any,
+    device: torch.device,
+    *,
+    error: str | None = None,
+    host_group: dist.ProcessGroup | None = None,
+) -> tuple[Any, str | None]:
+    """Rank 0's output (any nesting of tensors, dataclasses, mappings, sequences) on every rank.
+
+    The structure, with shapes and dtypes in place of tensors, goes over ``host_group`` as a small
+    pickled object together with rank 0's error, if any; the values follow as one device
+    broadcast per dtype (usually one). Device tensors are never pickled or read on the host.
+
+    Args:
+        output: Rank 0's output; ignored elsewhere.
+        device: Where the values arrive on every rank.
+        error: Rank 0's error message, if its step failed (``output`` is then ignored).
+        host_group: The host process group for the structure.
+
+    Returns:
+        The output on this rank's device (``None`` if rank 0 failed) and rank 0's error.
+    """
+    tensors: list[torch.Tensor] = []
+
+    def slot(t: torch.Tensor) -> _Slot:
+        tensors.append(t)
+        return _Slot(len(tensors) - 1, t.shape, t.dtype)
+
+    rank = dist.get_rank()
+    meta: list[Any] = [None]
+    if rank == 0:
+        skeleton = apply_to_collection(output, torch.Tensor, slot) if error is None else None
+        meta = [(error, skeleton, [(s.shape, s.dtype) for s in _slots(skeleton)])]
+    dist.broadcast_object_list(meta, src=0, group=host_group)
+    error, skeleton, specs = meta[0]
+    if error is not None:
+        return None, error
+    values: list[torch.Tensor | None] = [None] * len(specs)
+    for dtype in dict.fromkeys(d for _, d in specs):
+        members = [i for i, (_, d) in enumerate(specs) if d == dtype]
+        sizes = [math.prod(specs[i][0]) for i in members]
+        if rank == 0:
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in members])
+        else:
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        dist.broadcast(flat, src=0)
+        for i, piece in zip(members, flat.split(sizes), strict=True):
+            values[i] = piece.view(specs[i][0])
+    return apply_to_collection(skeleton, _Slot, lambda s: values[s.index]), None
+
+
+def _slots(skeleton: Any) -> list[_Slot]:
+    found: list[_Slot] = []
+    apply_to_collection(skeleton, _Slot, found.append)
+    return sorted(found, key=lambda s: s.index)

@@ -1,17 +1,21 @@
-"""Sum gradients over ranks in buckets launched while the encoder's backward is still running.
+"""Combine gradients over ranks: the encoder's summed in buckets launched during its backward,
+the aggregator's sent from rank 0.
 
-The encoder's gradients are the expensive part of the all-reduce (a ResNet-18 is 45 MB), and
-backward produces them from the last layer to the first. Parameters are grouped into buckets in
-that order; a bucket's SUM all-reduce starts (asynchronously) as soon as all its gradients are
-final, so communication overlaps the rest of the backward, as DDP does. Buckets start strictly in
-index order and only when complete, so every rank issues the same collectives in the same order
-whatever it computed: a rank without tiles, or a parameter that gets no gradient, simply leaves its
-buckets to ``finish``. The rest (the aggregator, whose gradient only rank 0 has) follows in
-buckets of its own, and ``finish`` waits for everything before backward returns.
+The encoder's gradients are the expensive part (a ResNet-18 is 45 MB), and backward produces them
+from the last layer to the first. They are grouped into buckets in that order; a bucket's SUM
+all-reduce starts (asynchronously) as soon as all its gradients are final, so communication overlaps
+the rest of the backward, as DDP does. Buckets start strictly in index order and only when
+complete, so every rank issues the same collectives in the same order whatever it computed: a rank
+without tiles, or a parameter that gets no gradient, simply leaves its buckets to ``finish``. The
+other parameters (the aggregator and head) have a gradient on rank 0 only, so their buckets are
+broadcast from rank 0: half the traffic of an all-reduce and bit-identical to rank 0's values.
 
-A parameter without a gradient contributes zeros and a zero flag; it gets the summed gradient if
-any rank had one and stays ``None`` if none had, as in one process. Adding exact zeros leaves rank
-0's aggregator gradient bit-identical. After the sum, each gradient is a view into its bucket.
+Nothing here reads a device tensor on the host. Bucket layout and buffers are built once (per set
+of trainable parameters) and reused every step; each gradient becomes a view into its bucket with
+the parameter's own strides (a channels-last kernel keeps a channels-last gradient, which fused
+optimisers walk as raw memory). Which parameters got a gradient on which rank is host knowledge; the
+caller exchanges it on the host (``local_presence`` in, the combined bits to ``finish``), so a
+parameter without a gradient anywhere stays ``None`` as in one process.
 """
 
 from __future__ import annotations
@@ -22,20 +26,46 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradientSum"]
+__all__ = ["GradientSync"]
 
 _BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
-class GradientSum:
-    """Bucketed, overlapped SUM all-reduce of ``params``' gradients.
+class _Bucket:
+    """Parameters sharing one flat buffer, each with a view of the parameter's shape and strides."""
+
+    def __init__(self, params: list[nn.Parameter], indices: list[int]) -> None:
+        self.indices = indices
+        self.params = params
+        dtype, device = params[0].dtype, params[0].device
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+        self.slots = []
+        offset = 0
+        for p in params:
+            stride = p.stride() if _dense(p) else _contiguous_strides(p.shape)
+            self.slots.append(self.flat.as_strided(p.shape, stride, offset))
+            offset += p.numel()
+
+    def fill(self) -> None:
+        """Copy this rank's gradients into the buffer; zeros where a parameter has none."""
+        for p, slot in zip(self.params, self.slots, strict=True):
+            if p.grad is None:
+                slot.zero_()
+            elif p.grad.data_ptr() != slot.data_ptr() or p.grad.stride() != slot.stride():
+                slot.copy_(p.grad)
+
+
+class GradientSync:
+    """Bucketed gradient combination over ranks: SUM for the encoder, broadcast for the rest.
 
     Args:
         params: Every trainable parameter, each rank passing the same list in the same order:
             those backward reaches first (the encoder's, last layer first) before the others.
-        overlapped: How many leading ``params`` belong to the encoder, whose buckets may start
-            during its backward; the remaining ones start in ``finish``.
+        overlapped: How many leading ``params`` belong to the encoder, whose buckets are summed
+            and may start during its backward; the remaining ones are rank 0's alone and are
+            broadcast from it in ``finish``.
         bucket_bytes: Upper bound of a bucket's size.
+        group: The process group of the collectives (default: the world).
     """
 
     def __init__(
@@ -43,12 +73,15 @@ class GradientSum:
         params: Sequence[nn.Parameter],
         overlapped: int,
         bucket_bytes: int = _BUCKET_BYTES,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.params = list(params)
-        self.buckets: list[list[int]] = []
+        self.overlapped = overlapped
+        self.group = group
+        self.buckets: list[_Bucket] = []
         for start, stop in ((0, overlapped), (overlapped, len(self.params))):
             self._bucket(range(start, stop), bucket_bytes)
-        self._bucket_of = {id(self.params[i]): b for b, idx in enumerate(self.buckets) for i in idx}
+        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket.params}
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_ready) for p in self.params[:overlapped]
         ]
@@ -56,7 +89,7 @@ class GradientSum:
         self._missing: list[int] = []
         self._seen: set[int] = set()
         self._next = 0
-        self._inflight: list[tuple[int, torch.Tensor, dist.Work]] = []
+        self._inflight: list[dist.Work | None] = []
 
     def _bucket(self, indices: range, bucket_bytes: int) -> None:
         current: list[int] = []
@@ -65,20 +98,25 @@ class GradientSum:
             p = self.params[i]
             nbytes = p.numel() * p.element_size()
             key = (p.dtype, p.device)
-            if current and (size + nbytes > bucket_bytes or key != self._key(current[0])):
-                self.buckets.append(current)
+            first = self.params[current[0]] if current else None
+            if first is not None and (
+                size + nbytes > bucket_bytes or key != (first.dtype, first.device)
+            ):
+                self.buckets.append(_Bucket([self.params[j] for j in current], current))
                 current, size = [], 0
             current.append(i)
             size += nbytes
         if current:
-            self.buckets.append(current)
+            self.buckets.append(_Bucket([self.params[j] for j in current], current))
 
-    def _key(self, i: int) -> tuple[torch.dtype, torch.device]:
-        return self.params[i].dtype, self.params[i].device
+    @property
+    def collectives_per_step(self) -> int:
+        """The number of collectives one synchronised backward issues (one per bucket)."""
+        return len(self.buckets)
 
     def begin(self) -> None:
         """Arm the hooks: the next backward's final gradients start their buckets."""
-        self._missing = [len(b) for b in self.buckets]
+        self._missing = [len(b.params) for b in self.buckets]
         self._seen = set()
         self._next = 0
         self._inflight = []
@@ -89,35 +127,68 @@ class GradientSum:
             return
         self._seen.add(id(param))
         self._missing[self._bucket_of[id(param)]] -= 1
-        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+        while (
+            self._next < len(self.buckets)
+            and self.buckets[self._next].indices[0] < self.overlapped
+            and self._missing[self._next] == 0
+        ):
             self._launch(self._next)
 
     def _launch(self, b: int) -> None:
-        group = [self.params[i] for i in self.buckets[b]]
-        dtype, device = group[0].dtype, group[0].device
-        flags = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
-            + [flags]
-        )
-        self._inflight.append((b, flat, dist.all_reduce(flat, async_op=True)))
+        bucket = self.buckets[b]
+        bucket.fill()
+        if bucket.indices[0] < self.overlapped:
+            work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        else:
+            work = dist.broadcast(bucket.flat, src=_global_rank(0, self.group), group=self.group,
+                                  async_op=True)  # fmt: skip
+        self._inflight.append(work)
         self._next = b + 1
 
-    def finish(self) -> None:
-        """Start what is left, in order, wait for all, and make the sums the gradients."""
+    def foreign_gradient_error(self, rank: int) -> RuntimeError | None:
+        """On a rank other than 0, an error if a parameter outside the encoder got a gradient
+        here: its buckets are broadcast from rank 0, so this rank's part would be lost."""
+        names = [i for i, p in enumerate(self.params[self.overlapped :]) if p.grad is not None]
+        if not names:
+            return None
+        return RuntimeError(
+            f"{len(names)} parameter(s) outside the module's `encoder` got a gradient on rank "
+            f"{rank}, where only `encode` runs; their gradients come from rank 0 alone. Put every "
+            "module that `encode` uses under the `encoder` attribute."
+        )
+
+    def local_presence(self) -> list[bool]:
+        """Which parameters have a gradient on this rank (host knowledge, no device read)."""
+        return [p.grad is not None for p in self.params]
+
+    def launch_rest(self) -> None:
+        """Start the buckets backward has not started, in order (all of them without ``begin``).
+
+        After this call every rank has issued the same collectives; host exchanges may follow.
+        """
         self._active = False
-        if not self._missing:  # finish without begin: a plain synchronous sum
-            self._missing = [len(b) for b in self.buckets]
+        if not self._missing:  # no begin: a plain synchronous combination
             self._next, self._inflight = 0, []
+            self._missing = [len(b.params) for b in self.buckets]
         while self._next < len(self.buckets):
             self._launch(self._next)
-        for b, flat, work in self._inflight:
-            work.wait()
-            group = [self.params[i] for i in self.buckets[b]]
-            values, counts = flat[: -len(group)], flat[-len(group) :]
-            sizes = [p.numel() for p in group]
-            for p, chunk, count in zip(group, values.split(sizes), counts.tolist(), strict=True):
-                p.grad = chunk.view_as(p) if count else None
+
+    def finish(self, presence: Sequence[bool] | None = None) -> None:
+        """Start what is left, wait for all, and make the results the gradients.
+
+        Args:
+            presence: Per parameter, whether any rank had a gradient for it (the encoder's) or
+                rank 0 had one (the rest); ``None`` takes this rank's own. A parameter without
+                one keeps ``grad = None``.
+        """
+        self.launch_rest()
+        for work in self._inflight:
+            if work is not None:
+                work.wait()
+        present = list(presence) if presence is not None else self.local_presence()
+        for bucket in self.buckets:
+            for i, p, slot in zip(bucket.indices, bucket.params, bucket.slots, strict=True):
+                p.grad = slot if present[i] else None
         self._missing, self._inflight = [], []
 
     def remove(self) -> None:
@@ -125,3 +196,30 @@ class GradientSum:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def layout_key(params: Sequence[nn.Parameter]) -> tuple:
+    """What the bucket layout depends on: the parameters, their memory layout, dtype and device."""
+    return tuple((id(p), p.stride(), p.dtype, p.device) for p in params)
+
+
+def _dense(p: torch.Tensor) -> bool:
+    """Whether ``p`` covers exactly ``numel`` elements of memory (strides of a permuted layout)."""
+    if p.numel() == 0 or any(s < 0 for s in p.stride()):
+        return False
+    span = 1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
+    return span == p.numel()
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
+    if group is None:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)

@@ -7,9 +7,9 @@ Training step, on N ranks holding the same slide (DESIGN.md, "The method"):
    ``aggregate(f, coords)`` and ``slide_loss`` on a detached copy ``f`` ``[K, D]``;
 3. in ``backward``, rank 0 backpropagates the loss to ``dL/df``, splits it by shard and scatters
    the slices; rank r backpropagates ``(f_r * g_r).sum()`` through its encoder;
-4. all gradients are summed over ranks (``grad_sync.py``: buckets that start during the
-   encoder's backward): encoder gradients add up to the single-process gradient, aggregator
-   gradients exist on rank 0 only and others add zeros.
+4. encoder gradients are summed over ranks (``grad_sync.py``: buckets that start during the
+   encoder's backward) and add up to the single-process gradient; aggregator gradients exist
+   on rank 0 only and are broadcast from it.
 
 Every rank then takes the same optimiser step. Step 4 is complete when ``backward`` returns, which
 is where Lightning's closure ends and gradient clipping and ``on_before_optimizer_step`` begin.
@@ -22,6 +22,7 @@ module holds no model code and the module holds no distributed code.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -44,11 +45,21 @@ from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encod
 from lightning_wsi.strategies.collectives import (
     ShardInfo,
     all_gather_rows,
+    broadcast_output,
     exchange_shard_info,
     gather_rows,
     scatter_rows,
 )
-from lightning_wsi.strategies.grad_sync import GradientSum
+from lightning_wsi.strategies.failures import (
+    CatchLoadErrors,
+    SlideParallelError,
+    describe,
+    load_error,
+    raise_together,
+)
+from lightning_wsi.strategies.grad_sync import GradientSync, layout_key
+from lightning_wsi.strategies.module_state import BatchNormStats, keep_metrics_local
+from lightning_wsi.strategies.randomness import rank_stream, stream_seed
 
 __all__ = ["SlideParallelStrategy"]
 
@@ -65,6 +76,7 @@ class _Pending:
     leaf: torch.Tensor | None  # rank 0: the gathered [K, D] features the aggregator saw
     tiles: torch.Tensor | None = None  # chunked: the shard, to encode again
     states: list[RngState] | None = None  # chunked: RNG state before each chunk
+    error: BaseException | None = None  # rank 0: its aggregator or loss raised
 
 
 class SlideParallelStrategy(DDPStrategy):
@@ -94,11 +106,20 @@ class SlideParallelStrategy(DDPStrategy):
     works too (the strategy's sampler arguments give every rank every slide, and each rank keeps
     its shard of the tiles), at the price of reading all tiles on every rank.
 
+    Beyond the gradient: each rank encodes in its own seeded random stream (``randomness.py``),
+    so dropout and drop-path masks differ between ranks as they would between tiles on one
+    device; an exception on any rank, in the step or in its loader, stops every rank at the same
+    step with the original message (``failures.py``); trainable BatchNorm statistics are
+    averaged over ranks after every step and metrics are not gathered twice
+    (``module_state.py``). The small exchanges of host values (shard sizes, flags, which
+    parameters got gradients) use a gloo group, so a CUDA step is never stalled by a read-back.
+
     Args:
         encode_chunk_size: Encode at most this many tiles at a time on each rank, with gradient
             caching in training; ``None`` encodes a rank's shard at once.
         bucket_cap_mb: Size of the gradient buckets whose all-reduce starts during the
-            encoder's backward (the encoder is the module's ``encoder`` attribute, if any).
+            encoder's backward (the encoder is the module's ``encoder`` attribute, if any; the
+            other parameters' gradients exist on rank 0 only and are broadcast from it).
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: Timeout of the collectives.
         start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``.
@@ -140,8 +161,11 @@ class SlideParallelStrategy(DDPStrategy):
         self.bucket_cap_mb = bucket_cap_mb
         self._pending: _Pending | None = None
         self._sync_blocked = False
-        self._grad_sum: GradientSum | None = None
-        self._grad_sum_key: tuple[int, ...] = ()
+        self._grad_sync: GradientSync | None = None
+        self._grad_sync_key: tuple = ()
+        self._host_group: dist.ProcessGroup | None = None
+        self._batchnorm: BatchNormStats | None = None
+        self._seed = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -153,7 +177,7 @@ class SlideParallelStrategy(DDPStrategy):
 
     @override
     def connect(self, model: L.LightningModule) -> None:
-        """Check the module's protocol before any process starts or joins a group."""
+        """Check the module's protocol and the options before any process starts or joins."""
         module = model
         missing = [name for name in _TRAIN_PROTOCOL if not callable(getattr(module, name, None))]
         if missing:
@@ -168,13 +192,43 @@ class SlideParallelStrategy(DDPStrategy):
                 "SlideParallelStrategy supports automatic optimisation only; "
                 f"{type(module).__name__} sets `automatic_optimization = False`."
             )
+        if self._layer_sync is not None:
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) cannot be used with SlideParallelStrategy: "
+                "SyncBatchNorm needs every rank to encode the same number of times. Keep "
+                "BatchNorm frozen (SlideModule's default), or use freeze_batchnorm=False, whose "
+                "running statistics this strategy averages over ranks after every step."
+            )
         super().connect(model)
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        # Host values (shard sizes, flags, which parameters got gradients) travel on a gloo
+        # group: NCCL would need device tensors and a read-back that stalls the host.
+        backend = dist.get_backend()
+        self._host_group = None if backend == "gloo" else dist.new_group(backend="gloo")
+        self._seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+
+    @override
+    def setup(self, trainer: L.Trainer) -> None:
+        super().setup(trainer)
+        module = self.lightning_module
+        keep_metrics_local(module)  # every rank computes every slide's metrics itself
+        self._batchnorm = BatchNormStats(module)
 
     @override
     def configure_ddp(self) -> None:
         # No DistributedDataParallel: this strategy exchanges features and gradients itself.
         # Start every rank from rank 0's parameters and buffers, as DDP would.
         _sync_module_states(self.model)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Turn an exception while loading a batch into a marker batch the step reports on every
+        rank (``failures.CatchLoadErrors``); one process raises it as it is."""
+        dataloader = super().process_dataloader(dataloader)
+        return CatchLoadErrors(dataloader) if self.world_size > 1 else dataloader
 
     @override
     @contextmanager
@@ -192,22 +246,40 @@ class SlideParallelStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         module = self.lightning_module
         batch = _batch(args, kwargs)
+        batch_idx = int(args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
         chunk = self.encode_chunk_size
+        error = load_error(batch)
+        tiles, coords, features, states = None, None, None, None
         with self.precision_plugin.train_step_context():
-            tiles, coords = self._local_shard(batch)
-            features, states = None, None
-            if len(tiles) and chunk is not None:
-                features, states = encode_in_chunks(module.encode, tiles, chunk, self.root_device)
-            elif len(tiles):
-                features = module.encode(tiles)
-            info, features, all_features, all_coords = self._gather(
-                features, len(tiles), coords, batch
-            )
+            if error is None:
+                try:
+                    tiles, coords = self._local_shard(batch)
+                    if len(tiles):
+                        seed = stream_seed(
+                            self._seed, self.global_rank, module.trainer.current_epoch, batch_idx
+                        )
+                        with rank_stream(seed, self.root_device):
+                            if chunk is not None:
+                                features, states = encode_in_chunks(
+                                    module.encode, tiles, chunk, self.root_device
+                                )
+                            else:
+                                features = module.encode(tiles)
+                except Exception as err:  # noqa: BLE001 - every rank raises it below
+                    error, features = err, None
+            info = self._exchange(features, tiles, batch, error)
+            if info.failed:
+                raise_together(self._host_group, error, "training step")
+            features, all_features, all_coords = self._gather(info, features, coords)
             loss, leaf = None, None
             if self.global_rank == 0:
-                leaf = all_features.detach().requires_grad_(torch.is_grad_enabled())
-                output = module.aggregate(leaf, all_coords)
-                loss = module.slide_loss(output, {**batch, "coords": all_coords})
+                try:
+                    needs_grad = torch.is_grad_enabled() and info.needs_grad
+                    leaf = all_features.detach().requires_grad_(needs_grad)
+                    output = module.aggregate(leaf, all_coords)
+                    loss = module.slide_loss(output, {**batch, "coords": all_coords})
+                except Exception as err:  # noqa: BLE001 - reported in backward, on every rank
+                    error, loss = err, None
         value = self._broadcast_loss(loss)
         log = getattr(module, "log_train_loss", None)
         if callable(log):
@@ -220,6 +292,7 @@ class SlideParallelStrategy(DDPStrategy):
             leaf=leaf,
             tiles=tiles if chunk is not None else None,
             states=states,
+            error=error,
         )
         return loss if loss is not None else value
 
@@ -232,24 +305,54 @@ class SlideParallelStrategy(DDPStrategy):
         if pending is None:  # not from this strategy's training_step
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
+        info, error = pending.info, pending.error
         self.pre_backward(closure_loss)
         # On every rank, so that hooks run and a gradient scaler is initialised everywhere; only
         # rank 0's loss has a graph.
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         full_grad = None
-        if self.global_rank == 0:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-            assert pending.leaf is not None
-            full_grad = pending.leaf.grad
-            if full_grad is None:  # the loss does not depend on the features
-                full_grad = torch.zeros_like(pending.leaf)
-        grad = scatter_rows(full_grad, pending.info, like=pending.features)
-        gradient_sum = None if self._sync_blocked else self._gradient_sum(module)
-        begin = gradient_sum.begin if gradient_sum is not None else None
+        if self.global_rank == 0 and error is None:
+            try:
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                assert pending.leaf is not None
+                full_grad = pending.leaf.grad
+            except Exception as err:  # noqa: BLE001 - reported below, on every rank
+                error = err
+        sync = None if self._sync_blocked else self._gradient_sync(module)
+        if info.needs_grad:  # a frozen encoder needs no dL/df and no second encode
+            if self.global_rank == 0 and full_grad is None:  # no path to the features, or failed
+                full_grad = torch.zeros((info.total, info.width), dtype=info.dtype,
+                                        device=self.root_device)  # fmt: skip
+            grad = scatter_rows(full_grad, info, like=pending.features)
+            if error is None and len(grad):
+                try:
+                    self._encoder_backward(pending, grad, sync)
+                except Exception as err:  # noqa: BLE001 - reported below, on every rank
+                    error = err
+        if error is None and sync is not None and self.global_rank != 0:
+            error = sync.foreign_gradient_error(self.global_rank)
+        if sync is not None:
+            sync.launch_rest()  # every rank has now issued the same collectives, in order
+        failed, presence = self._exchange_flags(sync, error)
+        if sync is not None:
+            sync.finish(presence)
+        if self._batchnorm:
+            self._batchnorm.sync(info.sizes[self.global_rank], info.total)
+        if failed:
+            raise_together(self._host_group, error, "backward")
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _encoder_backward(
+        self, pending: _Pending, grad: torch.Tensor, sync: GradientSync | None
+    ) -> None:
+        """Backpropagate this rank's slice of ``dL/df`` through its encoder (again in chunks)."""
+        begin = sync.begin if sync is not None else None
         if pending.states is not None:
             assert pending.tiles is not None and self.encode_chunk_size is not None
             backward_in_chunks(
-                module.encode,
+                self.lightning_module.encode,
                 pending.tiles,
                 grad,
                 self.encode_chunk_size,
@@ -261,37 +364,46 @@ class SlideParallelStrategy(DDPStrategy):
             if begin is not None:
                 begin()
             torch.autograd.backward(pending.features, grad.to(pending.features.dtype))
-        if gradient_sum is not None:
-            gradient_sum.finish()
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        self.post_backward(closure_loss)
-        return closure_loss
 
-    def _gradient_sum(self, module: nn.Module) -> GradientSum:
-        """The bucketed gradient sum for the current trainable parameters (rebuilt if they
-        change, e.g. a callback unfreezing the encoder). The encoder's parameters, last layer
-        first, lead so that their buckets start during its backward."""
-        encoder = getattr(module, "encoder", None)
-        first = [p for p in encoder.parameters() if p.requires_grad][::-1] if isinstance(
-            encoder, nn.Module
-        ) else []  # fmt: skip
-        ids = {id(p) for p in first}
-        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids][::-1]
-        key = tuple(id(p) for p in first + rest)
-        if self._grad_sum is None or self._grad_sum_key != key:
-            if self._grad_sum is not None:
-                self._grad_sum.remove()
-            self._grad_sum = GradientSum(
+    def _gradient_sync(self, module: nn.Module) -> GradientSync:
+        """The gradient combination for the current trainable parameters (rebuilt if they or their
+        memory layout change, e.g. a callback unfreezing the encoder). The encoder's parameters,
+        last layer first, lead so that their buckets start during its backward; the others are
+        rank 0's alone and are broadcast. A module without an ``encoder`` sums everything."""
+        encoder = _encoder_of(module)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        if encoder is not module:
+            ids = {id(p) for p in encoder.parameters()}
+            first = [p for p in trainable if id(p) in ids][::-1]
+            rest = [p for p in trainable if id(p) not in ids][::-1]
+        else:
+            first, rest = trainable[::-1], []
+        key = layout_key(first + rest)
+        if self._grad_sync is None or self._grad_sync_key != key:
+            if self._grad_sync is not None:
+                self._grad_sync.remove()
+            self._grad_sync = GradientSync(
                 first + rest, overlapped=len(first), bucket_bytes=int(self.bucket_cap_mb * 2**20)
             )
-            self._grad_sum_key = key
-        return self._grad_sum
+            self._grad_sync_key = key
+        return self._grad_sync
+
+    def _exchange_flags(
+        self, sync: GradientSync | None, error: BaseException | None
+    ) -> tuple[bool, list[bool] | None]:
+        """One MAX all-reduce of host flags: did any rank fail, and which parameters got a
+        gradient on any rank."""
+        local = sync.local_presence() if sync is not None else []
+        flags = torch.tensor([error is not None, *local], dtype=torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._host_group)
+        values = flags.tolist()
+        return bool(values[0]), [bool(v) for v in values[1:]] if sync is not None else None
 
     @override
     def teardown(self) -> None:
-        if self._grad_sum is not None:
-            self._grad_sum.remove()
-            self._grad_sum, self._grad_sum_key = None, ()
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync, self._grad_sync_key = None, ()
         super().teardown()
 
     # ------------------------------------------------------------------ evaluation
@@ -326,17 +438,29 @@ class SlideParallelStrategy(DDPStrategy):
                 f"{type(module).__name__} lacks `{_EVAL_PROTOCOL[stage]}`."
             )
         batch = _batch(args, kwargs)
+        error = load_error(batch)
+        tiles, coords, features = None, None, None
         with context(), torch.no_grad():
-            tiles, coords = self._local_shard(batch)
-            features = self._encode_for_evaluation(module, tiles) if len(tiles) else None
-            info, features, all_features, _ = self._gather(features, len(tiles), None, batch)
+            if error is None:
+                try:
+                    tiles, coords = self._local_shard(batch)
+                    features = self._encode_for_evaluation(module, tiles) if len(tiles) else None
+                except Exception as err:  # noqa: BLE001 - every rank raises it below
+                    error, features = err, None
+            info = self._exchange(features, tiles, batch, error)
+            if info.failed:
+                raise_together(self._host_group, error, f"{stage} step")
+            features, all_features, _ = self._gather(info, features, None)
             all_coords = None  # every rank needs them for the per-slide outputs
             if coords is not None:
                 all_coords = all_gather_rows(coords.to(self.root_device), info)
             output = None
             if self.global_rank == 0:
-                output = module.aggregate(all_features, all_coords)
-        output = self._broadcast_output(output)
+                try:
+                    output = module.aggregate(all_features, all_coords)
+                except Exception as err:  # noqa: BLE001 - every rank raises it below
+                    error = err
+        output = self._broadcast_output(output, error, stage)
         full_batch = {k: v for k, v in batch.items() if k not in ("tiles", "tile_index")}
         full_batch["coords"] = all_coords
         if stage == "predict":
@@ -363,38 +487,65 @@ class SlideParallelStrategy(DDPStrategy):
             coords = coords[start:stop] if coords is not None else None
         return tiles, coords
 
-    def _gather(
+    def _exchange(
         self,
         features: torch.Tensor | None,
-        n_local: int,
-        coords: torch.Tensor | None,
+        tiles: torch.Tensor | None,
         batch: Mapping[str, Any],
-    ) -> tuple[ShardInfo, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Shard sizes, this rank's features (``[0, D]`` for a rank without tiles), and on rank 0
-        the features ``[K, D]`` and coords ``[K, 2]`` of all ranks."""
-        info = exchange_shard_info(features, n_local, batch.get("slide_id"), self.root_device)
+        error: BaseException | None,
+    ) -> ShardInfo:
+        """The step's first exchange (host values only): shard sizes, feature layout, failures."""
+        n_local = len(tiles) if tiles is not None and error is None else 0
+        needs_grad = None
+        if features is not None and not features.requires_grad and torch.is_grad_enabled():
+            # Encoded without autograd (chunked): the encoder's trainable parameters decide.
+            needs_grad = any(
+                p.requires_grad for p in _encoder_of(self.lightning_module).parameters()
+            )
+        return exchange_shard_info(
+            features, n_local, batch.get("slide_id"), failed=error is not None,
+            needs_grad=needs_grad, group=self._host_group,
+        )  # fmt: skip
+
+    def _gather(
+        self, info: ShardInfo, features: torch.Tensor | None, coords: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's features (``[0, D]`` for a rank without tiles), and on rank 0 the
+        features ``[K, D]`` and coords ``[K, 2]`` of all ranks."""
         if features is None:
             features = torch.zeros((0, info.width), dtype=info.dtype, device=self.root_device)
         all_features = gather_rows(features.detach(), info)
         all_coords = None
         if coords is not None:
             all_coords = gather_rows(coords.to(self.root_device), info)
-        return info, features, all_features, all_coords
+        return features, all_features, all_coords
 
     def _broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """The slide's loss (detached, float32) on every rank."""
+        """The slide's loss (detached, float32) on every rank; zero where rank 0 failed."""
         value = torch.zeros((), dtype=torch.float32, device=self.root_device)
         if loss is not None:
             value.copy_(loss.detach())
-        torch.distributed.broadcast(value, src=0)
+        if self.world_size > 1:
+            dist.broadcast(value, src=0)
         return value
 
-    def _broadcast_output(self, output: Any) -> Any:
-        """Rank 0's aggregator output on every rank (tensors on this rank's device)."""
+    def _broadcast_output(self, output: Any, error: BaseException | None, stage: str) -> Any:
+        """Rank 0's aggregator output on every rank (tensors on this rank's device); rank 0's
+        error, if it had one, raised on every rank."""
         if self.world_size == 1:
+            if error is not None:
+                raise error
             return output
-        output = self.broadcast(move_data_to_device(output, "cpu"), src=0)
-        return move_data_to_device(output, self.root_device)
+        message = describe(error) if error is not None else None
+        output, message = broadcast_output(
+            output, self.root_device, error=message, host_group=self._host_group
+        )
+        if message is not None:
+            raise SlideParallelError(
+                f"Slide-parallel {stage} step failed on rank 0: {message}. Every rank stopped at "
+                "the same step."
+            ) from error
+        return output
 
     @classmethod
     @override
@@ -412,6 +563,12 @@ class SlideParallelStrategy(DDPStrategy):
                     description=f"Slide-parallel training with start method {start_method!r}",
                     start_method=start_method,
                 )
+
+
+def _encoder_of(module: nn.Module) -> nn.Module:
+    """The module's ``encoder`` attribute, or the whole module for one without it."""
+    encoder = getattr(module, "encoder", None)
+    return encoder if isinstance(encoder, nn.Module) else module
 
 
 def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Mapping[str, Any]:

@@ -11,6 +11,7 @@ scenarios keeps the suite fast; everything inside is the real Trainer and strate
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import warnings
@@ -21,10 +22,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.multiprocessing as mp
+import torchmetrics
+from lightning.pytorch.plugins.precision import MixedPrecision
 from slide_batches import make_slides
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
+from lightning_wsi.data.sampling import shard_bounds
 
 SMALL_AGG = {
     "gma": {"hidden_dim": 32, "attention_dim": 16},
@@ -53,9 +57,57 @@ class Scenario:
     lr_schedule: str = "constant"
     bucket_cap_mb: float = 0.05
     seed: int = 0
+    encoder: str = "test_resnet"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # drop_rate, drop_path_rate, ...
+    channels_last: bool = False
+    freeze_batchnorm: bool = True
+    freeze_encoder: bool = False
+    tiny_slide: bool = True  # add a 2-tile slide (a rank of 3 holds none)
+    split_like: tuple[int, int | None] | None = None  # see CountingSlideModule.training_step
+    record_steps: bool = False  # keep encoder features' zero masks and BatchNorm buffers per step
+    count_collectives: bool = False  # count torch.distributed calls per training step
 
 
-class SGDSlideModule(SlideModule):
+class CountingSlideModule(SlideModule):
+    """SlideModule that also counts the slides it evaluates (``val/slides``), a sum-based metric
+    that shows a slide counted once per rank."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slides_seen = torchmetrics.SumMetric()
+
+    split_like: tuple[int, int | None] | None = None  # (ranks, chunk) to mimic, reference only
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """With ``split_like``, the single-process reference encodes the tiles in the row groups
+        that ranks and chunks would (one autograd graph all the same): bf16 kernels on CPU round
+        differently for different batch sizes, which says nothing about the gradient exchange."""
+        if self.split_like is None:
+            return super().training_step(batch, batch_idx)
+        ranks, chunk = self.split_like
+        tiles, groups = batch["tiles"], []
+        for r in range(ranks):
+            start, stop = shard_bounds(len(tiles), r, ranks)
+            groups += list(tiles[start:stop].split(chunk or max(stop - start, 1)))
+        pieces = []
+        for group in groups:
+            if len(group):
+                pieces.append(self.encode(group))
+                # A rank or chunk casts the weights for its own forward; one process would
+                # reuse one cached low-precision copy and sum its gradient in float16.
+                torch.clear_autocast_cache()
+        features = torch.cat(pieces)
+        loss = self.slide_loss(self.aggregate(features, batch.get("coords")), batch)
+        self.log_train_loss(loss)
+        return loss
+
+    def evaluate_output(self, output: Any, batch: Any, stage: str) -> torch.Tensor:
+        self.slides_seen.update(torch.ones((), device=self.device))
+        self.log(f"{stage}/slides", self.slides_seen, on_step=False, on_epoch=True, batch_size=1)
+        return super().evaluate_output(output, batch, stage)
+
+
+class SGDSlideModule(CountingSlideModule):
     """SlideModule with plain SGD (momentum), the optimiser whose update is the gradient."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -64,42 +116,109 @@ class SGDSlideModule(SlideModule):
 
 def build_module(scenario: Scenario) -> SlideModule:
     torch.manual_seed(scenario.seed)
-    cls = SGDSlideModule if scenario.optimizer == "sgd" else SlideModule
-    return cls(
-        "test_resnet",
+    cls = SGDSlideModule if scenario.optimizer == "sgd" else CountingSlideModule
+    module = cls(
+        scenario.encoder,
         scenario.aggregator,
         "binary",
+        encoder_kwargs=scenario.encoder_kwargs or None,
         aggregator_kwargs=SMALL_AGG[scenario.aggregator],
         encoder_lr=1e-3,
         aggregator_lr=3e-3,
         lr_schedule=scenario.lr_schedule,
         warmup_steps=2,
+        channels_last=scenario.channels_last,
+        freeze_batchnorm=scenario.freeze_batchnorm,
+        freeze_encoder=scenario.freeze_encoder,
     )
+    module.split_like = scenario.split_like
+    return module
 
 
 def in_memory_slides(scenario: Scenario) -> list[dict[str, Any]]:
     """Slides of K tiles, plus one of 2 tiles: fewer than 3 ranks, so one rank holds none."""
     slides = make_slides(scenario.n_slides, k=scenario.k, seed=scenario.seed + 1)
-    slides += make_slides(1, k=2, seed=scenario.seed + 2)
+    if scenario.tiny_slide:
+        slides += make_slides(1, k=2, seed=scenario.seed + 2)
     return slides
 
 
-class Record(L.Callback):
-    """Initial and final parameters by part, and the loss of every optimiser step."""
+_COLLECTIVES = (
+    "all_gather", "all_gather_object", "all_reduce", "all_to_all", "barrier", "broadcast",
+    "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter", "scatter",
+    "scatter_object_list",
+)  # fmt: skip
 
-    def __init__(self) -> None:
+
+class Record(L.Callback):
+    """Initial and final parameters by part, the loss of every training batch and, if asked, per
+    step: the zero mask of the encoder's features, BatchNorm buffers, collectives issued."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
         self.losses: list[float] = []
+        self.scales: list[float] = []  # a float16 grad scaler's scale after every batch
         self.initial: dict[str, torch.Tensor] = {}
+        self.masks: list[torch.Tensor] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.buckets: dict[str, int] = {}  # gradient buckets: summed (encoder), broadcast
+        self.buffers: list[dict[str, torch.Tensor]] = []
+        self.collectives: list[dict[str, int]] = []
+        self._calls: collections.Counter[str] = collections.Counter()
+        if scenario.count_collectives:
+            self._count_collectives()
+
+    def _count_collectives(self) -> None:
+        for name in _COLLECTIVES:
+            original = getattr(torch.distributed, name)
+
+            def counted(*args: Any, _name: str = name, _f: Any = original, **kwargs: Any) -> Any:
+                self._calls[_name] += 1
+                return _f(*args, **kwargs)
+
+            setattr(torch.distributed, name, counted)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+        if self.scenario.record_steps:
+            module.encoder.register_forward_hook(self._keep_mask)
+
+    def _keep_mask(self, encoder: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        if not encoder.training:  # training encodes only (not chunked: one per step)
+            return
+        self.masks.append((output == 0).cpu())
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if self.scenario.record_steps:
+            self.grads.append({
+                n: p.grad.detach().clone() for n, p in module.named_parameters()
+                if p.grad is not None
+            })  # fmt: skip
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._calls.clear()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.scales.append(float(scaler.get_scale()))
+        if self.scenario.record_steps:
+            self.buffers.append({n: b.detach().clone() for n, b in module.named_buffers()})
+        if self.scenario.count_collectives:
+            self.collectives.append(dict(self._calls))
+            sync = trainer.strategy._grad_sync
+            summed = sum(b.indices[0] < sync.overlapped for b in sync.buckets)
+            self.buckets = {"summed": summed, "broadcast": len(sync.buckets) - summed}
 
     def result(self, module: L.LightningModule) -> dict[str, Any]:
         final = {n: p.detach().clone() for n, p in module.named_parameters()}
-        return {"initial": self.initial, "final": final, "losses": self.losses}
+        return {
+            "initial": self.initial, "final": final, "losses": self.losses, "scales": self.scales,
+            "masks": self.masks, "buffers": self.buffers, "grads": self.grads,
+            "collectives": self.collectives, "buckets": self.buckets,
+            "final_buffers": {n: b.detach().clone() for n, b in module.named_buffers()},
+        }  # fmt: skip
 
 
 class StopAfter(L.Callback):
@@ -126,7 +245,7 @@ def train(
     default strategy and ``SlideModule.training_step`` with all K tiles. ``world_size`` counts
     the devices per node; ``strategy`` a registered name instead of a configured object."""
     module = build_module(scenario)
-    record = Record()
+    record = Record(scenario)
     callbacks: list[L.Callback] = [record]
     if scenario.stop_after_epochs is not None:
         callbacks.append(StopAfter(scenario.stop_after_epochs))
@@ -134,6 +253,11 @@ def train(
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(scenario.checkpoint_dir, save_last=True)
         )
+    trainer_options = dict(scenario.trainer)
+    if trainer_options.get("precision") == "16-mixed":
+        # Lightning turns "16-mixed" into bf16 on CPU; the plugin keeps float16 and its scaler.
+        del trainer_options["precision"]
+        trainer_options["plugins"] = [MixedPrecision("16-mixed", "cpu")]
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": world_size or 1,
@@ -145,7 +269,7 @@ def train(
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
         "callbacks": callbacks,
-        **scenario.trainer,
+        **trainer_options,
     }
     if strategy is not None:
         options["strategy"] = strategy
@@ -211,8 +335,15 @@ def run_world(world_size: int | None, scenarios: list[Scenario], out_dir: Path) 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if world_size is None:
-        for scenario in scenarios:
-            train(scenario, None, out_dir)
+        # One thread, as in every rank: some CPU kernels (float16 channels-last convolutions)
+        # split their reductions by thread count, which would differ in the last bits.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for scenario in scenarios:
+                train(scenario, None, out_dir)
+        finally:
+            torch.set_num_threads(threads)
         return
     mp.spawn(
         _worker,
