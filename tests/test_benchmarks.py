@@ -1,0 +1,54 @@
+"""The benchmark scripts still run: ``benchmarks/gpu_check.py --tiny`` on the CPU.
+
+The GPU check waits for the day a GPU is lent; running it tiny here keeps it from rotting, and
+its CPU-visible checks (chunked vs unchunked, channels_last under the strategy, clipping under
+mixed precision) must pass, and the host-sync check's guard is shown to wrap what it claims.
+No time or memory figure is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_tiny_on_cpu_and_every_check_passes_or_is_skipped() -> None:
+    launch = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith("PL_")}
+    env.update(PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = done.stdout + done.stderr[-3000:]
+    status = {}
+    for line in done.stdout.splitlines():
+        found = re.match(r"\[([a-f])\] (PASS|FAIL|SKIP) ", line)
+        if found:
+            assert found[1] not in status, f"two lines for check {found[1]}:\n{report}"
+            status[found[1]] = found[2]
+    # a, b, c and f are measured on the CPU too; d (sync debug mode) and e (CUDA memory) need CUDA.
+    expected = {"a": "PASS", "b": "PASS", "c": "PASS", "d": "SKIP", "e": "SKIP", "f": "PASS"}
+    assert status == expected, report
+    assert "summary" in done.stdout, report
+    assert done.returncode == 0, report
+
+
+def test_gpu_check_guards_exactly_the_strategy_step_and_backward(monkeypatch) -> None:
+    """Check d's coverage, on the CPU: the sync debug mode is switched on around the strategy's
+    ``training_step`` and ``backward`` only, in every step after the first."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    modes: list[object] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    arm = gpu_check._sync_run("cpu", gpu_check.Sizes.tiny(), 3, "error")
+    assert (arm.guarded_steps, arm.guarded_calls) == (2, 4)
+    assert modes == ["error", 0] * 4
