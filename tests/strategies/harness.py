@@ -63,6 +63,7 @@ class Scenario:
     freeze_batchnorm: bool = True
     freeze_encoder: bool = False
     tiny_slide: bool = True  # add a 2-tile slide (a rank of 3 holds none)
+    evaluate_only: bool = False  # no fit: validate and predict a module initialised per rank
     split_like: tuple[int, int | None] | None = None  # see CountingSlideModule.training_step
     record_steps: bool = False  # keep encoder features' zero masks and BatchNorm buffers per step
     count_collectives: bool = False  # count torch.distributed calls per training step
@@ -114,8 +115,8 @@ class SGDSlideModule(CountingSlideModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def build_module(scenario: Scenario) -> SlideModule:
-    torch.manual_seed(scenario.seed)
+def build_module(scenario: Scenario, rank: int = 0) -> SlideModule:
+    torch.manual_seed(scenario.seed + rank)
     cls = SGDSlideModule if scenario.optimizer == "sgd" else CountingSlideModule
     module = cls(
         scenario.encoder,
@@ -244,7 +245,8 @@ def train(
     """Train one scenario; ``world_size=None`` is the plain single-process reference: Lightning's
     default strategy and ``SlideModule.training_step`` with all K tiles. ``world_size`` counts
     the devices per node; ``strategy`` a registered name instead of a configured object."""
-    module = build_module(scenario)
+    # evaluate_only: every rank starts from its own random weights; rank 0's must win.
+    module = build_module(scenario, rank if scenario.evaluate_only else 0)
     record = Record(scenario)
     callbacks: list[L.Callback] = [record]
     if scenario.stop_after_epochs is not None:
@@ -299,7 +301,10 @@ def train(
         order = DistributedSampler(slides, num_replicas=1, rank=0, shuffle=True, seed=7)
         loader = DataLoader(slides, batch_size=None, sampler=order)
         val_loader = DataLoader(val, batch_size=None) if val is not None else None
-        trainer.fit(module, loader, val_loader, ckpt_path=ckpt_path)
+        if not scenario.evaluate_only:
+            trainer.fit(module, loader, val_loader, ckpt_path=ckpt_path)
+        else:
+            trainer.validate(module, val_loader, verbose=False)
         result = record.result(module)
         if val_loader is not None:
             result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}

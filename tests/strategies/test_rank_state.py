@@ -23,10 +23,9 @@ VIT = Scenario(
     encoder_kwargs={"img_size": 32, "drop_path_rate": 0.5},
 )  # fmt: skip
 # Batch statistics need 2 tiles per forward at least: no 2-tile slide, chunks of 2.
-BATCHNORM = Scenario(
-    "batchnorm", k=8, freeze_batchnorm=False, record_steps=True, tiny_slide=False
-)
+BATCHNORM = Scenario("batchnorm", k=8, freeze_batchnorm=False, record_steps=True, tiny_slide=False)
 COUNTED = Scenario("collectives", k=8, count_collectives=True)
+EVALUATE_ONLY = Scenario("evaluate-only", evaluate=True, evaluate_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,10 @@ def runs(tmp_path_factory) -> Path:
         COUNTED,
         dataclasses.replace(COUNTED, name="collectives-chunked", chunk=3),
         dataclasses.replace(COUNTED, name="collectives-frozen", freeze_encoder=True),
+        EVALUATE_ONLY,
     ]
     run_world(2, scenarios, root / "2")
+    run_world(None, [EVALUATE_ONLY], root / "reference")
     return root
 
 
@@ -118,6 +119,19 @@ def test_a_training_step_issues_a_fixed_set_of_collectives(runs: Path, name: str
         assert len(result["collectives"]) == len(result["losses"]) > 0
         for step in result["collectives"]:
             assert step == expected
+
+
+def test_validate_and_predict_only_start_every_rank_from_rank_0s_weights(runs: Path) -> None:
+    """No fit: ranks built their modules from different seeds; rank 0's weights are used."""
+    reference = load(runs / "reference", EVALUATE_ONLY.name)
+    for rank in (0, 1):
+        result = load(runs / "2", EVALUATE_ONLY.name, rank)
+        assert result["metrics"]["val/loss"] == pytest.approx(
+            reference["metrics"]["val/loss"], abs=1e-6
+        )
+        assert result["metrics"]["val/slides"] == 4
+        for ours, theirs in zip(result["predictions"], reference["predictions"], strict=True):
+            torch.testing.assert_close(ours["probabilities"], theirs["probabilities"])
 
 
 def test_sync_batchnorm_is_refused_with_the_alternative() -> None:
