@@ -64,6 +64,9 @@ class Scenario:
     freeze_encoder: bool = False
     tiny_slide: bool = True  # add a 2-tile slide (a rank of 3 holds none)
     evaluate_only: bool = False  # no fit: validate and predict a module initialised per rank
+    # (rank, world size): that rank's loader drops the last tile of its shard, as a dataset that
+    # skips an unreadable tile would; every rank's loader yields only its own shard.
+    drop_tile: tuple[int, int] | None = None
     split_like: tuple[int, int | None] | None = None  # see CountingSlideModule.training_step
     record_steps: bool = False  # keep encoder features' zero masks and BatchNorm buffers per step
     count_collectives: bool = False  # count torch.distributed calls per training step
@@ -295,6 +298,8 @@ def train(
         result = record.result(module)
     else:
         slides = in_memory_slides(scenario)
+        if scenario.drop_tile is not None:
+            slides = [_without_tile(s, *scenario.drop_tile, world_size and rank) for s in slides]
         val = make_slides(4, k=5, seed=scenario.seed + 3) if scenario.evaluate else None
         # The same shuffled order in every run and on every rank (Lightning keeps a
         # DistributedSampler it is given; it would inject a shuffling one otherwise).
@@ -310,6 +315,23 @@ def train(
             result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
             result["predictions"] = trainer.predict(module, val_loader)
     torch.save(result, out_dir / f"{scenario.name}.rank{rank}.pt")
+
+
+def _without_tile(
+    slide: dict[str, Any], drop_rank: int, world: int, rank: int | None
+) -> dict[str, Any]:
+    """``slide`` as rank ``rank``'s loader yields it when ``drop_rank`` drops the last tile of its
+    shard; ``rank=None``: the whole slide without that tile (the single-process reference)."""
+    k = len(slide["tiles"])
+    start, stop = shard_bounds(k, drop_rank, world)
+    keep = [i for i in range(k) if not (stop > start and i == stop - 1)]
+    if rank is not None:
+        own_start, own_stop = shard_bounds(k, rank, world)
+        keep = [i for i in keep if own_start <= i < own_stop]
+    index = torch.tensor(keep, dtype=torch.long)
+    tiles, coords = slide["tiles"][index], slide["coords"][index]
+    total = k if rank is not None else len(keep)
+    return {**slide, "tiles": tiles, "coords": coords, "num_tiles": total}
 
 
 def _worker(rank: int, world_size: int, port: int, scenarios: list[Scenario], out: str) -> None:
