@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_wsi import SlideModule
+from lightning_wsi.models.aggregators import build_aggregator
 from lightning_wsi.models.module import _adamw_implementation
 from lightning_wsi.models.optim import WarmupCosine, param_groups
 
@@ -194,3 +195,12 @@ def test_mixed_precision_with_clipping_trains(
     assert len(module.clipped_norms) == 2
     if clip:  # clipped the true (unscaled) gradients, not the loss-scaled ones
         assert all(0 < norm <= clip * 1.001 for norm in module.clipped_norms)
+
+
+def test_the_transformer_aggregators_class_token_gets_no_weight_decay() -> None:
+    aggregator = build_aggregator("transformer", 16, 1, hidden_dim=16, num_heads=2, num_layers=1)
+    groups = {g["name"]: g for g in param_groups(nn.Linear(4, 4), aggregator, 1e-5, 1e-3, 0.05)}
+    no_decay = {id(p) for p in groups["aggregator_no_decay"]["params"]}
+    decay = {id(p) for p in groups["aggregator"]["params"]}
+    assert id(aggregator.cls_token) in no_decay
+    assert id(aggregator.projection.weight) in decay

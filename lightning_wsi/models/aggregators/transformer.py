@@ -83,6 +83,10 @@ class TransformerAggregator(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, num_outputs))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters left out of weight decay (timm's convention): the class token."""
+        return {"cls_token"}
+
     def forward(
         self, features: torch.Tensor, coords: torch.Tensor | None = None
     ) -> AggregatorOutput:
