@@ -2,8 +2,9 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_wsi.strategies.failures import SlideParallelError
 from lightning_wsi.strategies.slide_parallel import SlideParallelStrategy
 
 SlideParallelStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["SlideParallelStrategy"]
+__all__ = ["SlideParallelError", "SlideParallelStrategy"]

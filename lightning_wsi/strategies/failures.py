@@ -22,7 +22,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["LOAD_ERROR_KEY", "CatchLoadErrors", "SlideParallelError", "raise_together"]
+__all__ = [
+    "LOAD_ERROR_KEY",
+    "CatchLoadErrors",
+    "SlideParallelError",
+    "describe",
+    "load_error",
+    "raise_together",
+]
 
 LOAD_ERROR_KEY = "_slide_parallel_load_error"
 

@@ -109,11 +109,6 @@ class GradientSync:
         if current:
             self.buckets.append(_Bucket([self.params[j] for j in current], current))
 
-    @property
-    def collectives_per_step(self) -> int:
-        """The number of collectives one synchronised backward issues (one per bucket)."""
-        return len(self.buckets)
-
     def begin(self) -> None:
         """Arm the hooks: the next backward's final gradients start their buckets."""
         self._missing = [len(b.params) for b in self.buckets]
