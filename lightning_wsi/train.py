@@ -63,12 +63,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         print(f"synthetic slides: {manifest.parent}")
     datamodule: SlideDataModule = instantiate(cfg.data.datamodule, _convert_="all")
     module: SlideModule = instantiate(cfg.model, _convert_="all")
-    checkpoints = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True
+    # Two callbacks: with a monitor, Lightning 2.6 writes `save_last` only when a top-k checkpoint
+    # is saved too, so last.ckpt froze at the best epoch. Without one it keeps the latest state.
+    best = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="best", monitor="val/loss", mode="min"
     )
+    last = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last")
     logger = CSVLogger(output_dir, name="", version="")
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoints], logger=logger, default_root_dir=str(output_dir)
+        cfg.trainer, callbacks=[best, last], logger=logger, default_root_dir=str(output_dir)
     )
     trainer.fit(module, datamodule)
 

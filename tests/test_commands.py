@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from nbclient import NotebookClient
 
@@ -63,6 +64,16 @@ def test_train_writes_every_output_and_prints_the_final_metrics(trained: Path) -
     assert {r["target"] for r in rows} == {"0", "1"}
     log = (trained / "train.log").read_text() if (trained / "train.log").exists() else ""
     assert "error" not in log.lower()
+
+
+def test_last_checkpoint_is_the_final_state_and_best_the_best_epoch(trained: Path) -> None:
+    """last.ckpt is the end of the run (epoch, step, loops), whichever epoch was best."""
+    last = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(trained / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1  # trainer.max_epochs=2
+    assert last["global_step"] == 2 * 6  # 6 training slides in each epoch
+    assert best["epoch"] <= last["epoch"] and best["global_step"] <= last["global_step"]
+    assert set(last["optimizer_states"][0]["state"]) and last["loops"]["fit_loop"]
 
 
 def test_train_prints_auroc_with_ci_and_where_outputs_are(workdir: Path, trained: Path) -> None:
@@ -126,6 +137,11 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(0.0 <= float(r["prediction"]) <= 1.0 for r in rows)
     assert len(list((out / "heatmaps").glob("*.png"))) == 1
+    # last.ckpt is the model that wrote the run's own predictions.csv.
+    with open(trained / "predictions.csv") as f:
+        own = {r["slide_id"]: float(r["prediction"]) for r in csv.DictReader(f)}
+    ours = {r["slide_id"]: float(r["prediction"]) for r in rows}
+    assert own and all(abs(ours[s] - p) <= 1e-5 for s, p in own.items()), (own, ours)
     # Slides without labels: a manifest of slide_id and path only.
     unlabeled = workdir / "slides" / "unlabeled.csv"
     with open(workdir / "slides" / "manifest.csv") as f:
