@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.context
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,12 +25,15 @@ from lightning_wsi.data.manifest import (
     stratified_split,
 )
 from lightning_wsi.data.manifest_tiling import SlideJob, TilingSummary, tile_many
+from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles
 from lightning_wsi.data.transfer import normalize_tiles
 
 __all__ = ["BadSlideError", "SlideDataModule"]
+
+_PRELOAD = ("lightning_wsi.data.dataset",)  # what a loader worker needs, imported once
 
 
 class BadSlideError(ValueError):
@@ -331,7 +332,7 @@ class SlideDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            multiprocessing_context=_worker_context(self.num_workers),
+            multiprocessing_context=worker_context(_PRELOAD) if self.num_workers else None,
         )
 
     @override
@@ -387,19 +388,3 @@ def _normalisation(
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need 3 values each (std > 0), got {mean} and {std}")
     return mean, std
-
-
-def _worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
-    """Start loader workers from a forkserver, not by forking the training process.
-
-    A training process has threads (gloo's, a queue's feeder, tqdm's monitor). CPython 3.11 can
-    deadlock a child forked while another thread creates or ends its thread state: the child
-    waits forever in ``PyOS_AfterFork_Child`` (seen twice in the 2-process command test, rank 1's
-    new worker stuck there). The forkserver is a single-threaded process started once; workers
-    fork from it. It preloads the dataset's module so each worker starts in milliseconds.
-    """
-    if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["lightning_wsi.data.dataset"])
-    return context

@@ -6,7 +6,6 @@ coordinate cache is warm when every rank's ``setup`` reads it.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles, tile_slide
 
@@ -92,10 +92,9 @@ def tile_many(
             results.append(_tile_job(job, tile_kwargs))
             bar.update()
     else:
-        # fork: children inherit the imported modules, start in milliseconds and need no
-        # `if __name__ == "__main__"` guard in the user's script or notebook. Tiling uses no torch.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        # A forkserver preloading the tiling code (plain fork only for a script without a main
+        # guard): forking a process with threads can deadlock the child (processes.py).
+        context = worker_context(["lightning_wsi.data.tiling"])
         with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
             futures = [pool.submit(_tile_job, job, tile_kwargs) for job in jobs]
             for future in futures:
