@@ -108,8 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-k", type=int, default=None, help="cap on tiles per slide")
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.devices == 0 or args.devices < -1:
-        parser.error(f"--devices must be a positive count (or -1 for all), got {args.devices}")
+    try:
+        _strategy(args.devices)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         predict(
             args.checkpoint, args.manifest, args.out, args.heatmaps, args.accelerator,

@@ -180,10 +180,10 @@ def scatter_rows(
 
 
 class _Slot:
-    """Where a tensor sat in a broadcast output: its index, shape and dtype."""
+    """Where a tensor sat in a broadcast output: its index in the list of values."""
 
-    def __init__(self, index: int, shape: torch.Size, dtype: torch.dtype) -> None:
-        self.index, self.shape, self.dtype = index, tuple(shape), dtype
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 def broadcast_output(
@@ -212,13 +212,13 @@ def broadcast_output(
 
     def slot(t: torch.Tensor) -> _Slot:
         tensors.append(t)
-        return _Slot(len(tensors) - 1, t.shape, t.dtype)
+        return _Slot(len(tensors) - 1)
 
     rank = dist.get_rank()
     meta: list[Any] = [None]
     if rank == 0:
         skeleton = apply_to_collection(output, torch.Tensor, slot) if error is None else None
-        meta = [(error, skeleton, [(s.shape, s.dtype) for s in _slots(skeleton)])]
+        meta = [(error, skeleton, [(tuple(t.shape), t.dtype) for t in tensors])]
     dist.broadcast_object_list(meta, src=0, group=host_group)
     error, skeleton, specs = meta[0]
     if error is not None:
@@ -235,9 +235,3 @@ def broadcast_output(
         for i, piece in zip(members, flat.split(sizes), strict=True):
             values[i] = piece.view(specs[i][0])
     return apply_to_collection(skeleton, _Slot, lambda s: values[s.index]), None
-
-
-def _slots(skeleton: Any) -> list[_Slot]:
-    found: list[_Slot] = []
-    apply_to_collection(skeleton, _Slot, found.append)
-    return sorted(found, key=lambda s: s.index)

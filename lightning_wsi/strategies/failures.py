@@ -63,10 +63,6 @@ def raise_together(
     ) from error
 
 
-class _LoadFailure(dict):
-    """The marker batch for a loader exception: a slide with no tiles and the error."""
-
-
 def load_error(batch: Any) -> BaseException | None:
     """The exception a ``CatchLoadErrors`` marker batch carries, if ``batch`` is one."""
     if isinstance(batch, Mapping):
@@ -95,7 +91,7 @@ class CatchLoadErrors:
             except StopIteration:
                 return
             except Exception as error:  # noqa: BLE001 - reported on every rank by the step
-                yield _LoadFailure(
+                yield dict(
                     tiles=torch.zeros((0, 3, 1, 1), dtype=torch.uint8),
                     coords=torch.zeros((0, 2), dtype=torch.int64),
                     slide_id="<load failure>",

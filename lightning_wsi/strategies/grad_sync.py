@@ -42,8 +42,10 @@ class _Bucket:
         self.slots = []
         offset = 0
         for p in params:
-            stride = p.stride() if _dense(p) else _contiguous_strides(p.shape)
-            self.slots.append(self.flat.as_strided(p.shape, stride, offset))
+            piece = self.flat.narrow(0, offset, p.numel())
+            self.slots.append(
+                piece.as_strided(p.shape, p.stride()) if _dense(p) else piece.view(p.shape)
+            )
             offset += p.numel()
 
     def fill(self) -> None:
@@ -204,14 +206,6 @@ def _dense(p: torch.Tensor) -> bool:
         return False
     span = 1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
     return span == p.numel()
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:

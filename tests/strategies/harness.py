@@ -93,14 +93,7 @@ class CountingSlideModule(SlideModule):
         for r in range(ranks):
             start, stop = shard_bounds(len(tiles), r, ranks)
             groups += list(tiles[start:stop].split(chunk or max(stop - start, 1)))
-        pieces = []
-        for group in groups:
-            if len(group):
-                pieces.append(self.encode(group))
-                # A rank or chunk casts the weights for its own forward; one process would
-                # reuse one cached low-precision copy and sum its gradient in float16.
-                torch.clear_autocast_cache()
-        features = torch.cat(pieces)
+        features = torch.cat([self.encode(g) for g in groups if len(g)])
         loss = self.slide_loss(self.aggregate(features, batch.get("coords")), batch)
         self.log_train_loss(loss)
         return loss
@@ -161,10 +154,8 @@ class Record(L.Callback):
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.losses: list[float] = []
-        self.scales: list[float] = []  # a float16 grad scaler's scale after every batch
         self.initial: dict[str, torch.Tensor] = {}
         self.masks: list[torch.Tensor] = []
-        self.grads: list[dict[str, torch.Tensor]] = []
         self.buckets: dict[str, int] = {}  # gradient buckets: summed (encoder), broadcast
         self.buffers: list[dict[str, torch.Tensor]] = []
         self.collectives: list[dict[str, int]] = []
@@ -192,21 +183,11 @@ class Record(L.Callback):
             return
         self.masks.append((output == 0).cpu())
 
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        if self.scenario.record_steps:
-            self.grads.append({
-                n: p.grad.detach().clone() for n, p in module.named_parameters()
-                if p.grad is not None
-            })  # fmt: skip
-
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._calls.clear()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            self.scales.append(float(scaler.get_scale()))
         if self.scenario.record_steps:
             self.buffers.append({n: b.detach().clone() for n, b in module.named_buffers()})
         if self.scenario.count_collectives:
@@ -218,8 +199,8 @@ class Record(L.Callback):
     def result(self, module: L.LightningModule) -> dict[str, Any]:
         final = {n: p.detach().clone() for n, p in module.named_parameters()}
         return {
-            "initial": self.initial, "final": final, "losses": self.losses, "scales": self.scales,
-            "masks": self.masks, "buffers": self.buffers, "grads": self.grads,
+            "initial": self.initial, "final": final, "losses": self.losses,
+            "masks": self.masks, "buffers": self.buffers,
             "collectives": self.collectives, "buckets": self.buckets,
             "final_buffers": {n: b.detach().clone() for n, b in module.named_buffers()},
         }  # fmt: skip
