@@ -2,25 +2,66 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import safetensors.torch
 import timm
 import torch
-from timm.models import group_parameters
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
+from timm.models import group_parameters, resolve_pretrained_cfg, split_model_name_tag
 from torch import nn
 
 from lightning_wsi.models.batchnorm import freeze_batchnorm as _freeze_batchnorm
 
 __all__ = [
+    "PretrainedWeightsUnavailableError",
+    "UnsafeWeightsError",
     "build_encoder",
     "create_encoder",
     "encoder_feature_dim",
     "freeze_all_but_last_blocks",
     "load_encoder_weights",
 ]
+
+# Seconds to wait for a model hub to answer before saying it cannot be reached; huggingface_hub's
+# own retries take about 45 s before they give up on a machine without internet.
+_PROBE_TIMEOUT_S = 2.0
+_HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+_HF_WEIGHTS = "pytorch_model.bin"  # timm's default hub file; a .safetensors twin is preferred
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_OFFLINE_FIX = (
+    "pass a local weights file with encoder.checkpoint_path=/path/to/weights, "
+    "or train from random weights with encoder.pretrained=false"
+)
+# Classes a weights file may hold besides tensors and plain containers. A Lightning checkpoint
+# records the data module's hyper-parameters, and `SlideDataModule(manifest=Path(...))` (the
+# README's and the notebook's way, with `make_synthetic_dataset`'s Path) stored a Path there until
+# it began storing text. Unpickling a Path only builds the path object: no I/O, no code.
+_SAFE_CLASSES = [type(Path())]
+_RESAVE_FIX = (
+    "if you trust its source, re-save it as a plain state dict with "
+    "torch.save(model.state_dict(), path) or as safetensors (safetensors.torch.save_file) "
+    "and pass that file"
+)
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights file the safe unpickler refused: it holds pickled objects other than tensors."""
+
+
+class PretrainedWeightsUnavailableError(FileNotFoundError):
+    """timm's pretrained weights are not in the local cache and cannot be downloaded."""
 
 
 def build_encoder(
@@ -39,7 +80,9 @@ def build_encoder(
 
     Args:
         encoder: A timm model name or a module mapping ``[k, 3, H, W]`` tiles to ``[k, D]``.
-        pretrained: Load timm's pretrained weights (needs a model hub; names only).
+        pretrained: Load timm's pretrained weights (names only): from the local cache when they
+            are there, else from the model hub (see ``create_encoder``). Ignored when
+            ``checkpoint_path`` is given, whose weights replace them all.
         checkpoint_path: A local weights file loaded after creation (see ``load_encoder_weights``).
         encoder_kwargs: Extra keyword arguments for ``timm.create_model`` (names only).
         freeze: Freeze every parameter and keep the encoder in eval mode (the frozen-encoder
@@ -55,6 +98,8 @@ def build_encoder(
 
     Raises:
         ValueError: An option does not apply to this encoder, or options conflict.
+        PretrainedWeightsUnavailableError: ``pretrained`` weights are neither cached nor
+            downloadable.
 
     Example:
         >>> enc = build_encoder("test_resnet", train_last_n_blocks=1)
@@ -67,7 +112,9 @@ def build_encoder(
             f"(freeze_encoder=True, train_last_n_blocks={train_last_n_blocks})."
         )
     if isinstance(encoder, str):
-        encoder = create_encoder(encoder, pretrained=pretrained, **dict(encoder_kwargs or {}))
+        # A local file replaces every weight (it must match all keys), so the hub is not needed.
+        from_hub = pretrained and checkpoint_path is None
+        encoder = create_encoder(encoder, pretrained=from_hub, **dict(encoder_kwargs or {}))
     elif not isinstance(encoder, nn.Module):
         raise TypeError(
             f"Expected `encoder` to be a timm model name or an nn.Module, got {encoder!r}"
@@ -98,6 +145,12 @@ def build_encoder(
 def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Create a timm model as a feature extractor (``num_classes=0``: pooled ``[k, D]`` features).
 
+    Pretrained weights come from the local cache when they are there (the Hugging Face hub cache
+    for timm's ``hf_hub_id``, torch's hub cache for its ``url``), without any network call.
+    Otherwise the hub must answer within a couple of seconds and ``HF_HUB_OFFLINE`` must be unset;
+    if not, this fails at once rather than after huggingface_hub's retries (hospital GPU nodes
+    often have no internet).
+
     Args:
         name: A timm model name (``timm.list_models()``).
         pretrained: Load timm's pretrained weights.
@@ -106,6 +159,10 @@ def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     Returns:
         The model; ``model.num_features`` is ``D``.
 
+    Raises:
+        PretrainedWeightsUnavailableError: ``pretrained`` weights are not cached and the hub is
+            offline or cannot be reached.
+
     Example:
         >>> create_encoder("test_vit", img_size=32).num_features
         64
@@ -113,7 +170,151 @@ def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     if not timm.is_model(name):
         raise ValueError(f"Expected a timm model name (see timm.list_models()), got {name!r}.")
     kwargs.setdefault("num_classes", 0)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not pretrained:
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(
+            name, pretrained=True, **_with_local_or_reachable_weights(name, kwargs)
+        )
+    except (LocalEntryNotFoundError, urllib.error.URLError) as err:
+        reason = f"the download failed ({_one_line(err)})"
+        raise PretrainedWeightsUnavailableError(_unavailable(name, kwargs, reason)) from err
+
+
+def _with_local_or_reachable_weights(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``create_model`` kwargs that load cached weights offline, or raise if a download would fail.
+
+    Follows timm's choice of source (``_resolve_pretrained_source``): an explicit ``file``,
+    ``state_dict`` or ``source`` is left to timm; else the hub's ``hf_hub_id``, else ``url``.
+    """
+    cfg = _pretrained_cfg(name, kwargs)
+    if cfg.source or cfg.file or cfg.state_dict or not (cfg.hf_hub_id or cfg.url):
+        return kwargs  # local weights, or none at all (timm says so)
+    cached = _cached_weights(cfg, kwargs.get("cache_dir"))
+    if cached is not None:
+        path, custom_load = cached
+        overlay = {**(kwargs.get("pretrained_cfg_overlay") or {})}
+        overlay.update(file=str(path), custom_load=custom_load)
+        return {**kwargs, "pretrained_cfg_overlay": overlay}
+    origin = _hf_endpoint() if cfg.hf_hub_id else _origin(cfg.url)
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        raise PretrainedWeightsUnavailableError(
+            _unavailable(name, kwargs, "HF_HUB_OFFLINE=1 (offline mode) is set")
+        )
+    if not _reachable(origin):
+        reason = f"{origin} cannot be reached (no answer within {_PROBE_TIMEOUT_S:g} s)"
+        raise PretrainedWeightsUnavailableError(_unavailable(name, kwargs, reason))
+    if cfg.hf_hub_id and kwargs.get("cache_dir") is None:
+        kwargs = {**kwargs, "cache_dir": str(_hf_hub_cache())}  # download where we look
+    return kwargs
+
+
+def _pretrained_cfg(name: str, kwargs: Mapping[str, Any]) -> Any:
+    """timm's resolved ``PretrainedCfg`` for ``name`` (a tag such as ``resnet10t.a1_in1k`` too)."""
+    arch, tag = split_model_name_tag(name)
+    return resolve_pretrained_cfg(
+        arch, kwargs.get("pretrained_cfg") or tag or None, kwargs.get("pretrained_cfg_overlay")
+    )
+
+
+def _cached_weights(cfg: Any, cache_dir: str | Path | None) -> tuple[Path, bool] | None:
+    """A cached weights file for ``cfg`` and whether timm loads it with ``custom_load``, or None."""
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        hub_cache = cache_dir or _hf_hub_cache()
+        for filename in _hf_weight_files(cfg):
+            found = try_to_load_from_cache(
+                repo, filename, cache_dir=hub_cache, revision=revision or None
+            )
+            if isinstance(found, str):
+                return Path(found), cfg.custom_load == "hf"
+    if cfg.url:
+        path = _url_cache(cache_dir) / os.path.basename(urlsplit(cfg.url).path)
+        if path.is_file():
+            return path, bool(cfg.custom_load)
+    return None
+
+
+def _hf_weight_files(cfg: Any) -> list[str]:
+    """Hub file names timm would download for ``cfg``, in its order (safetensors first)."""
+    filename = cfg.hf_hub_filename or _HF_WEIGHTS
+    if cfg.custom_load == "hf" or filename.endswith(".safetensors"):
+        return [filename]
+    if filename == _HF_WEIGHTS:
+        return ["model.safetensors", filename]
+    if filename.endswith(".bin"):
+        return [filename.removesuffix(".bin") + ".safetensors", filename]
+    return [filename]
+
+
+def _hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as the environment says now (huggingface_hub reads it once)."""
+    env = os.environ
+    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def _url_cache(cache_dir: str | Path | None) -> Path:
+    """Where timm (``load_state_dict_from_url``) keeps weights downloaded from a url."""
+    return Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", _HF_DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _env_true(key: str) -> bool:
+    return os.environ.get(key, "").upper() in _TRUE
+
+
+def _reachable(url: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether a server answers a HEAD request to ``url`` within ``timeout`` seconds.
+
+    Any HTTP answer below 500 counts (a 404 too); a 5xx is a proxy or gateway saying the hub is
+    out of reach. The request runs in a daemon thread, as name resolution ignores socket timeouts
+    and can hang far longer on a machine without DNS. Proxies come from the environment.
+    """
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            request = urllib.request.Request(url, method="HEAD")
+            urllib.request.urlopen(request, timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError as err:
+            answered.append(err.code < 500)
+        except Exception:  # any other failure: no answer
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered) and answered[0]
+
+
+def _unavailable(name: str, kwargs: Mapping[str, Any], reason: str) -> str:
+    """One line: which weights are missing, where we looked, why they cannot come, and the fixes."""
+    cfg = _pretrained_cfg(name, kwargs)
+    cache_dir = kwargs.get("cache_dir")
+    source = f"{_hf_endpoint()}/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    places = [str(cache_dir or _hf_hub_cache())] if cfg.hf_hub_id else []
+    places += [str(_url_cache(cache_dir))] if cfg.url else []
+    return (
+        f"Pretrained weights of timm model {name!r} ({source}) are not in the local cache "
+        f"({', '.join(places)}) and {reason}: {_OFFLINE_FIX}."
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def encoder_feature_dim(encoder: nn.Module, input_size: int = 224) -> int:
@@ -214,18 +415,24 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     checkpoint only the ``encoder.`` entries are taken. A classifier in the file (timm's
     ``pretrained_cfg["classifier"]``, e.g. ``fc`` or ``head``) is dropped, as the encoder has none.
 
+    Loading never runs code from the file: a received ``.pth`` is treated as hostile. A
+    ``.safetensors`` file is read with safetensors, anything else with ``torch.load``'s
+    weights-only unpickler (tensors and plain containers: a state dict, a Lightning checkpoint of
+    this project, a timm training checkpoint). A file that needs any other class is refused.
+
     Args:
         encoder: The module to load into.
-        path: A file written by ``torch.save``.
+        path: A ``.safetensors`` file or a file written by ``torch.save``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: The file's keys do not match the encoder's.
+        UnsafeWeightsError: The file holds pickled objects other than tensors (not loaded).
+        ValueError: The file is not a weights file, or its keys do not match the encoder's.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Encoder checkpoint not found: {path}")
-    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=False), encoder)
+    state = _unwrap_state_dict(_read_weights(path), encoder)
     classifier = getattr(encoder, "pretrained_cfg", {}).get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     own = set(encoder.state_dict())
@@ -241,6 +448,55 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
             f"{unexpected[:5]}."
         )
     encoder.load_state_dict(state)
+
+
+def _read_weights(path: Path) -> Any:
+    """What a weights file holds, read without running code from it."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"Encoder checkpoint {path} is not a readable safetensors file "
+                f"({_one_line(err)}); pass a file written by safetensors.torch.save_file."
+            ) from None
+    try:
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeWeightsError(_refused(path, err)) from None
+    except (EOFError, KeyError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"Encoder checkpoint {path} is not a file written by torch.save "
+            f"({type(err).__name__}: {_one_line(err)}); pass a state dict saved with "
+            "torch.save(model.state_dict(), path) or a .safetensors file."
+        ) from None
+
+
+def _refused(path: Path, err: pickle.UnpicklingError) -> str:
+    """One line for a file the weights-only unpickler refused: what it holds and the fix."""
+    names = _unsafe_globals(path, str(err))
+    if names:
+        return (
+            f"Encoder checkpoint {path} holds pickled objects other than tensors "
+            f"({', '.join(names[:5])}) and was not loaded, as unpickling them can run code; "
+            f"{_RESAVE_FIX}."
+        )
+    opcode = re.search(r"Unsupported operand (\d+)", str(err))
+    detail = f"pickle opcode {opcode.group(1)}" if opcode else _one_line(err)[:120]
+    return (
+        f"Encoder checkpoint {path} holds pickled data other than tensors ({detail}) and was "
+        f"not loaded, as unpickling it can run code; {_RESAVE_FIX}."
+    )
+
+
+def _unsafe_globals(path: Path, message: str) -> list[str]:
+    """The non-allowed classes and functions a checkpoint's pickle names (read, never run)."""
+    try:  # zip checkpoints: every global, from the opcodes
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy format: the first one, from the message
+        return re.findall(r"Unsupported global: GLOBAL (\S+)", message)
 
 
 def _unwrap_state_dict(obj: Any, encoder: nn.Module) -> dict[str, torch.Tensor]:
