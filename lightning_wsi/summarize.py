@@ -2,9 +2,15 @@
 
 Collects every run's ``summary.json`` under the folder and prints, per K and per way the run was
 parallelised (devices, chunk size) and trained (end to end or frozen encoder), the final training
-loss, validation loss and validation AUROC with a 95% CI, averaged over the runs (seeds, splits).
-The CI is the t-interval over runs when there are several, the run's own bootstrap CI when there
-is one. Writes ``summary.csv`` and ``k_sweep.png`` (the paper's Fig. 4) into the folder.
+loss, validation loss and validation AUROC, averaged over the runs (seeds, splits), and how many
+runs it used. A ``summary.json`` that cannot be used (not JSON, not an object, no integer ``K``)
+is skipped with one line naming it and why. Writes ``summary.csv`` and ``k_sweep.png`` (the
+paper's Fig. 4) into the folder.
+
+Intervals are given only where they mean something: the 95% t-interval over runs needs at least
+3 runs with a value (with 2 the t-interval has 1 degree of freedom and is 12.7 standard errors
+wide); a single run shows its own bootstrap CI when its ``summary.json`` has finite bounds.
+Otherwise the bounds are NaN and the row's note says why, in the table and in ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import csv
 import json
 import math
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,38 +32,109 @@ from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["main", "summarize"]
+__all__ = [
+    "MIN_RUNS_FOR_INTERVAL",
+    "SweepError",
+    "k_sweep_figure",
+    "load_runs",
+    "main",
+    "summarize",
+]
 
+MIN_RUNS_FOR_INTERVAL = 3  # a t-interval over fewer runs is too wide to say anything
 _COLUMNS = ("train/loss", "val/loss", "val/auroc")
+_TITLES = {"train/loss": "final training loss", "val/loss": "validation loss",
+           "val/auroc": "validation AUROC"}  # fmt: skip
+_NOTE_CHARS = 200  # a run's own note, as shown in a row
 
 
-def _stratum(run: dict[str, Any]) -> str:
-    chunk = run.get("encode_chunk_size")
-    parts = [
-        f"{run.get('devices', 1)} device{'s' if run.get('devices', 1) != 1 else ''}",
-        f"chunk {chunk}" if chunk else "no chunking",
-        "frozen encoder" if run.get("freeze_encoder") else "end to end",
-    ]
-    return ", ".join(parts)
+class SweepError(ValueError):
+    """Not one ``summary.json`` of the sweep can be used."""
 
 
-def _mean_ci(values: list[float], single_ci: tuple[float, float]) -> tuple[float, float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan, math.nan
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return mean, *single_ci
-    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+def load_runs(sweep: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """The usable runs of a sweep folder, and each skipped ``summary.json`` with why.
 
-
-def summarize(sweep: Path) -> list[dict[str, Any]]:
-    """One row per (stratum, K), sorted; also writes ``summary.csv`` and ``k_sweep.png``."""
-    runs = [json.loads(p.read_text()) for p in sorted(sweep.rglob("summary.json"))]
-    if not runs:
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no ``summary.json``.
+    """
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        why = "it is not a folder" if sweep.exists() else "the folder does not exist"
+        raise FileNotFoundError(f"no summary.json under {sweep}: {why}")
+    paths = sorted(sweep.rglob("summary.json"))
+    if not paths:
         raise FileNotFoundError(f"no summary.json under {sweep}: is it a training sweep folder?")
+    runs, skipped = [], []
+    for path in paths:
+        run = _load_run(path)
+        if isinstance(run, str):
+            skipped.append((path, run))
+        else:
+            runs.append(run)
+    return runs, skipped
+
+
+def _load_run(path: Path) -> dict[str, Any] | str:
+    """One run's summary, or why it cannot be used."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return f"is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}; truncated?)"
+    except RecursionError:
+        return "is JSON nested too deeply"
+    if not isinstance(run, dict):
+        return f"is not a JSON object but a {type(run).__name__}"
+    if "K" not in run:
+        return "has no 'K' (tiles per slide): not a training run's summary"
+    if not _is_count(run["K"]):
+        return f"has 'K' {_shorten(repr(run['K']))}, not a positive integer"
+    return run
+
+
+def _is_count(value: Any) -> bool:
+    """A positive integer, as JSON may write one (``8`` or ``8.0``); not a boolean."""
+    if isinstance(value, float):
+        return value.is_integer() and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def summarize(sweep: Path, runs: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per (stratum, K), sorted; also writes ``summary.csv`` and ``k_sweep.png``.
+
+    ``runs`` (as :func:`load_runs` returns them) default to those of ``sweep``, with a warning
+    per skipped file. A row
+    holds ``stratum``, ``K``, ``runs`` and, per metric, the mean, ``low``/``high`` bounds (NaN
+    where no interval is given) and a ``note`` saying which interval it is or why there is none.
+
+    Raises:
+        FileNotFoundError: no ``summary.json`` under ``sweep``.
+        SweepError: none of them can be used.
+    """
+    sweep = Path(sweep)
+    if runs is None:
+        runs, skipped = load_runs(sweep)
+        for path, why in skipped:
+            warnings.warn(f"skipped {path}: {why}", stacklevel=2)
+    if not runs:
+        raise SweepError(f"no usable summary.json under {sweep}")
+    rows = _rows(runs)
+    _write_csv(rows, sweep / "summary.csv")
+    figure = k_sweep_figure(rows)
+    try:
+        figure.savefig(sweep / "k_sweep.png", dpi=120)
+    finally:
+        plt.close(figure)
+    return rows
+
+
+def _rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for run in runs:
         groups[(_stratum(run), int(run["K"]))].append(run)
@@ -64,42 +142,125 @@ def summarize(sweep: Path) -> list[dict[str, Any]]:
     for (stratum, k), members in sorted(groups.items()):
         row: dict[str, Any] = {"stratum": stratum, "K": k, "runs": len(members)}
         for column in _COLUMNS:
-            values = [float(m.get(column, math.nan)) for m in members]
-            single = (
-                float(members[0].get(f"{column}_low", math.nan)),
-                float(members[0].get(f"{column}_high", math.nan)),
-            )
-            row[column], row[f"{column} low"], row[f"{column} high"] = _mean_ci(values, single)
+            keys = (column, f"{column} low", f"{column} high", f"{column} note")
+            row.update(zip(keys, _interval(members, column), strict=True))
         rows.append(row)
-    with open(sweep / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, sweep / "k_sweep.png")
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    titles = {"train/loss": "final training loss", "val/loss": "validation loss",
-              "val/auroc": "validation AUROC (95% CI)"}  # fmt: skip
+def _stratum(run: dict[str, Any]) -> str:
+    chunk = run.get("encode_chunk_size")
+    devices = run.get("devices", 1)
+    parts = [
+        f"{devices} device{'s' if devices != 1 else ''}",
+        f"chunk {chunk}" if chunk else "no chunking",
+        "frozen encoder" if run.get("freeze_encoder") else "end to end",
+    ]
+    return _shorten(", ".join(str(p) for p in parts))
+
+
+def _interval(members: Sequence[dict[str, Any]], column: str) -> tuple[float, float, float, str]:
+    """``(mean, low, high, note)`` of ``column`` over runs; NaN bounds where none is given."""
+    finite = [(v, m) for m in members if math.isfinite(v := _number(m.get(column)))]
+    n, total = len(finite), len(members)
+    if n == 0:
+        return math.nan, math.nan, math.nan, f"no value in {total} run{'s' * (total > 1)}"
+    gaps = "" if n == total else f"; {total - n} of {total} runs without a value"
+    values = [v for v, _ in finite]
+    mean = float(np.mean(values))
+    if n >= MIN_RUNS_FOR_INTERVAL:
+        sem = np.std(values, ddof=1) / math.sqrt(n)
+        half = float(stats.t.ppf(0.975, n - 1) * sem)
+        return mean, mean - half, mean + half, f"t-interval over {n} runs{gaps}"
+    if n == 1:
+        return _single_run(mean, finite[0][1], column, gaps)
+    return mean, math.nan, math.nan, f"n={n} runs: no interval{gaps}"
+
+
+def _single_run(
+    value: float, run: dict[str, Any], column: str, gaps: str
+) -> tuple[float, float, float, str]:
+    """One run's value, with its own bootstrap CI only where the run gives finite bounds."""
+    low, high = _number(run.get(f"{column}_low")), _number(run.get(f"{column}_high"))
+    if math.isfinite(low) and math.isfinite(high) and low <= high:
+        return value, low, high, f"bootstrap CI of 1 run{gaps}"
+    why = run.get(f"{column}_note")
+    why = f"; {_shorten(why)}" if isinstance(why, str) and why.strip() else ""
+    return value, math.nan, math.nan, f"n=1 run: no interval{why}{gaps}"
+
+
+def _number(value: Any) -> float:
+    """A JSON metric as a float; NaN for null, missing, text, booleans and overflowing ints."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
+
+
+def _shorten(text: str) -> str:
+    """One line of at most ``_NOTE_CHARS`` characters: a file's text is shown, not trusted."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= _NOTE_CHARS else text[: _NOTE_CHARS - 3] + "..."
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def k_sweep_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """The K sweep (the paper's Fig. 4): one panel per metric, one line per stratum, 95%
+    intervals as error bars where a row has one; tick labels are plain numbers (no offset
+    text above the axes, which overlapped the title when values barely differ)."""
+    fig, axes = plt.subplots(1, len(_COLUMNS), figsize=(13, 3.8), layout="constrained")
     for stratum in sorted({r["stratum"] for r in rows}):
         mine = sorted((r for r in rows if r["stratum"] == stratum), key=lambda r: r["K"])
-        ks = [r["K"] for r in mine]
         for ax, column in zip(axes, _COLUMNS, strict=True):
-            values = np.array([r[column] for r in mine])
-            low = np.array([r[f"{column} low"] for r in mine])
-            high = np.array([r[f"{column} high"] for r in mine])
-            errors = np.nan_to_num(np.stack([values - low, high - values]).clip(min=0))
-            ax.errorbar(ks, values, yerr=errors, marker="o", capsize=3, label=stratum)
+            _plot_stratum(ax, mine, column, stratum)
     for ax, column in zip(axes, _COLUMNS, strict=True):
         ax.set_xscale("log", base=2)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.set_xlabel("K (tiles per slide in training)")
-        ax.set_title(titles[column])
+        ax.set_title(f"{_TITLES[column]} (95% CI where given)", pad=8)
+        if not any(math.isfinite(r[column]) for r in rows):
+            ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _plot_stratum(ax: Any, rows: list[dict[str, Any]], column: str, label: str) -> None:
+    """One stratum's line; a point without an interval gets no error bar (not a zero one)."""
+    values = np.array([r[column] for r in rows], dtype=float)
+    low = np.array([r[f"{column} low"] for r in rows], dtype=float)
+    high = np.array([r[f"{column} high"] for r in rows], dtype=float)
+    errors = np.stack([values - low, high - values]).clip(min=0)  # NaN stays: no bar
+    ax.errorbar([r["K"] for r in rows], values, yerr=errors, marker="o", capsize=3, label=label)
+
+
+def _cell(value: float, spec: str) -> str:
+    return "n/a" if not math.isfinite(value) else format(value, spec)
+
+
+def _auroc_cell(row: dict[str, Any]) -> str:
+    value, low, high = row["val/auroc"], row["val/auroc low"], row["val/auroc high"]
+    if not math.isfinite(value):
+        return "n/a"
+    bounds = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{value:.3f}{bounds} ({row['val/auroc note']})"
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    header = f"{'stratum':<40} {'K':>5} {'runs':>4} {'train loss':>11} {'val loss':>9} "
+    print(header + "val AUROC [95% CI]")
+    for r in rows:
+        print(
+            f"{r['stratum']:<40} {r['K']:>5} {r['runs']:>4} {_cell(r['train/loss'], '.4f'):>11} "
+            f"{_cell(r['val/loss'], '.4f'):>9} {_auroc_cell(r)}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,18 +269,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="a multirun folder, e.g. outputs/sweeps/<date>")
     args = parser.parse_args(argv)
     try:
-        rows = summarize(args.sweep)
-    except FileNotFoundError as err:
+        runs, skipped = load_runs(args.sweep)
+        for path, why in skipped:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+        if not runs:
+            raise SweepError(
+                f"none of the {len(skipped)} summary.json files under {args.sweep} can be used "
+                "(each is named above with why)"
+            )
+        rows = summarize(args.sweep, runs)
+    except (FileNotFoundError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    header = f"{'stratum':<40} {'K':>5} {'runs':>4} {'train loss':>11} {'val loss':>9} "
-    print(header + "val AUROC [95% CI]")
-    for r in rows:
-        print(
-            f"{r['stratum']:<40} {r['K']:>5} {r['runs']:>4} {r['train/loss']:>11.4f} "
-            f"{r['val/loss']:>9.4f} {r['val/auroc']:.3f} "
-            f"[{r['val/auroc low']:.3f}, {r['val/auroc high']:.3f}]"
-        )
+    except OSError as err:  # a read-only sweep folder: summary.csv or k_sweep.png
+        print(f"error: cannot write into {args.sweep}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    _print_table(rows)
+    files = len(runs) + len(skipped)
+    print(f"used {len(runs)} runs of {files} summary.json files ({len(skipped)} skipped)")
     print(f"table: {args.sweep / 'summary.csv'}\nplot: {args.sweep / 'k_sweep.png'}")
     return 0
 

@@ -7,8 +7,10 @@ to, so one run reports all bad rows at once instead of dying on the first.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ TASKS = ("binary", "multiclass", "regression")
 
 
 class ManifestError(ValueError):
-    """The manifest itself is unusable (missing file or columns, duplicate ids, empty split)."""
+    """The manifest itself is unusable (missing, not UTF-8 CSV text, missing columns, duplicate
+    ids, an empty split)."""
 
 
 @dataclass(frozen=True)
@@ -65,56 +68,141 @@ def read_manifest(
     """Read a manifest CSV (``require_labels=False``: the ``label`` column may be absent or
     empty, as for slides to predict).
 
+    The file is UTF-8 text, with or without the byte-order mark Excel writes, and with LF or
+    CRLF line ends.
+
     Returns:
-        The usable rows, and the rows that are bad in themselves (empty id or path, an ``mpp``
-        that is not a positive number, a ``split`` outside train/val/test).
+        The usable rows, and the rows that are bad in themselves (empty id or path, a path to
+        the same file as an earlier row, an ``mpp`` that is not a positive number, a ``split``
+        outside train/val/test).
 
     Raises:
-        ManifestError: the file is missing, a required column is absent, or ids repeat.
+        ManifestError: the file is missing, a folder, unreadable or not UTF-8 CSV text, a
+            required column is absent, or ids repeat.
     """
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise ManifestError(f"manifest not found: {manifest}")
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        required = REQUIRED_COLUMNS if require_labels else ("slide_id", "path")
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ManifestError(
-                f"manifest {manifest} lacks column(s) {missing}; it has {columns}. "
-                f"Required: {list(required)}, optional: ['split', 'mpp']"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    records, bad, seen = [], [], {}
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
+    required = REQUIRED_COLUMNS if require_labels else ("slide_id", "path")
+    records: list[SlideRecord] = []
+    bad: list[BadSlide] = []
+    seen_ids: dict[str, int] = {}
+    seen_files: dict[tuple, SlideRecord] = {}
+    for number, row in _read_rows(manifest, required):
         slide_id, raw_path = row["slide_id"], row["path"]
         if not slide_id or not raw_path:
             bad.append(BadSlide(slide_id or f"<line {number}>", raw_path, "empty slide_id or path"))
             continue
-        if slide_id in seen:
+        if slide_id in seen_ids:
             raise ManifestError(
-                f"manifest {manifest}: slide_id {slide_id!r} appears on lines {seen[slide_id]} "
+                f"manifest {manifest}: slide_id {slide_id!r} appears on lines {seen_ids[slide_id]} "
                 f"and {number}; slide ids must be unique"
             )
-        seen[slide_id] = number
-        path = Path(raw_path).expanduser()
-        path = str(path if path.is_absolute() else (manifest.parent / path))
-        split = row.get("split") or None
-        if split is not None and split not in SPLITS:
-            bad.append(BadSlide(slide_id, path, f"split {split!r} is not one of {list(SPLITS)}"))
-            continue
-        mpp = None
-        if row.get("mpp"):
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not mpp > 0:
-                bad.append(BadSlide(slide_id, path, f"mpp {row['mpp']!r} is not a positive number"))
-                continue
-        records.append(SlideRecord(slide_id, path, row.get("label", ""), split, mpp, number))
+        seen_ids[slide_id] = number
+        record, reason = _parse_row(manifest, row, number)
+        first = seen_files.setdefault(_file_key(record.path), record)
+        if first is not record:
+            reason = (
+                f"same file as slide {first.slide_id!r} (line {first.row}); "
+                "one file must be one slide"
+            )
+        if reason:
+            bad.append(BadSlide(slide_id, record.path, reason))
+        else:
+            records.append(record)
     return records, bad
+
+
+def _read_rows(manifest: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of every data row, keys and values stripped; checks the columns."""
+    text = _read_text(manifest)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ManifestError(
+                f"manifest {manifest} lacks column(s) {missing}; it has {reprlib.repr(columns)}. "
+                f"Required: {list(required)}, optional: ['split', 'mpp']"
+            )
+        return [
+            (reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k})
+            for row in reader
+        ]
+    except csv.Error as err:
+        raise ManifestError(
+            f"manifest {manifest} is not a readable CSV (line {reader.line_num}: {err}); "
+            "save it as comma-separated text (CSV UTF-8)"
+        ) from None
+
+
+def _read_text(manifest: Path) -> str:
+    """The manifest's text, decoded as UTF-8 (a leading byte-order mark dropped)."""
+    if manifest.is_dir():
+        raise ManifestError(
+            f"manifest {manifest} is a directory; give the CSV file in it, e.g. "
+            f"{manifest / 'manifest.csv'}"
+        )
+    if not manifest.is_file():
+        raise ManifestError(f"manifest not found: {manifest}")
+    try:
+        data = manifest.read_bytes()
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest {manifest}: {err.strerror or err}") from None
+    return _decode(manifest, data)
+
+
+def _decode(manifest: Path, data: bytes) -> str:
+    """UTF-8 text, or a ``ManifestError`` saying what the bytes are instead and how to fix it."""
+    fix = "save it as CSV UTF-8 (in Excel: Save As > CSV UTF-8)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"manifest {manifest} is UTF-16 text, not UTF-8; {fix}")
+    if b"\0" in data:
+        raise ManifestError(
+            f"manifest {manifest} is not text (it holds NUL bytes: a binary file?); give a CSV "
+            "file with slide_id, path, label columns"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ManifestError(
+            f"manifest {manifest} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            f"{fix}"
+        ) from None
+
+
+def _parse_row(manifest: Path, row: dict[str, str], number: int) -> tuple[SlideRecord, str]:
+    """The record of a row with an id and a path, and why it is bad (``""`` if it is not)."""
+    path = Path(row["path"]).expanduser()
+    path = str(path if path.is_absolute() else (manifest.parent / path))
+    split = row.get("split") or None
+    mpp = None
+    reason = ""
+    if row.get("mpp"):
+        try:
+            mpp = float(row["mpp"])
+        except ValueError:
+            mpp = math.nan
+        if not (math.isfinite(mpp) and mpp > 0):
+            reason = f"mpp {row['mpp']!r} is not a positive number"
+    if split is not None and split not in SPLITS:
+        reason = f"split {split!r} is not one of {list(SPLITS)}"
+    record = SlideRecord(row["slide_id"], path, row.get("label", ""), split, mpp, number)
+    return record, reason
+
+
+def _file_key(path: str) -> tuple:
+    """What makes two paths one file: device and inode where the file exists (a symlink, a
+    hard link, ``a/../a``, another case on a case-insensitive disk), else the real path.
+
+    Some network and FUSE mounts report inode 0 for every file; there the real path decides.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:  # missing or unreadable: the tiler reports it
+        return ("path", os.path.realpath(path))
+    if stat.st_ino == 0:
+        return ("path", os.path.realpath(path))
+    return ("inode", stat.st_dev, stat.st_ino)
 
 
 def parse_target(

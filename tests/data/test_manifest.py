@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -85,3 +86,82 @@ def test_stratified_split_of_regression_targets_and_tiny_classes():
     assert split.count("val") == 4
     # a class of one slide stays in train; two slides give one to val
     assert stratified_split([0, 1, 1], seed=0, val_fraction=0.25).count("val") == 1
+
+
+def test_excel_bom_and_crlf_line_ends(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfslide_id,path,label,mpp\r\na,a.svs,1,0.5\r\nb,b.svs,0,\r\n")
+    records, bad = read_manifest(path)
+    assert bad == []
+    assert [(r.slide_id, r.label, r.mpp, r.row) for r in records] == [
+        ("a", "1", 0.5, 2),
+        ("b", "0", None, 3),
+    ]
+    assert records[1].path == str(tmp_path / "b.svs")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("slide_id,path,label\ncafé,é.svs,1\n".encode("latin-1"),
+         r"is not UTF-8 text \(byte 0xe9 on line 2\); save it as CSV UTF-8"),
+        ("slide_id,path,label\n".encode("utf-16"),
+         r"is UTF-16 text, not UTF-8; save it as CSV UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+         r"is not text \(it holds NUL bytes: a binary file\?\); give a CSV file"),
+    ],
+    ids=["latin-1", "utf-16", "binary"],
+)  # fmt: skip
+def test_a_manifest_that_is_not_utf8_text_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "slides.csv"
+    path.write_bytes(content)
+    with pytest.raises(ManifestError, match=f"^manifest {path} {expected}") as caught:
+        read_manifest(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_directory_given_as_the_manifest_says_so(tmp_path):
+    with pytest.raises(ManifestError, match=f"^manifest {tmp_path} is a directory; give the CSV"):
+        read_manifest(tmp_path)
+
+
+def test_a_huge_header_is_shown_shortened(tmp_path):
+    path = _write(tmp_path, ",".join(f"column{i}" for i in range(10_000)) + "\n")
+    with pytest.raises(ManifestError, match=r"has \['column0', 'column1', .*\.\.\.\]") as caught:
+        read_manifest(path)
+    assert len(str(caught.value)) < 300
+
+
+def test_line_numbers_count_blank_lines_and_mpp_must_be_finite(tmp_path):
+    with pytest.raises(ManifestError, match=r"'a' appears on lines 2 and 4"):
+        read_manifest(_write(tmp_path, "slide_id,path,label\na,x.svs,1\n\na,y.svs,0\n"))
+    records, bad = read_manifest(_write(tmp_path, "slide_id,path,label,mpp\na,x.svs,1,inf\n"))
+    assert records == [] and bad[0].reason == "mpp 'inf' is not a positive number"
+
+
+def test_one_file_under_two_slide_ids_is_a_bad_slide(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "a.svs").write_bytes(b"slide a")
+    (slides / "other.svs").write_bytes(b"slide a")  # same bytes, another file: a slide of its own
+    (slides / "link.svs").symlink_to(slides / "a.svs")
+    os.link(slides / "a.svs", slides / "hard.svs")
+    text = (
+        "slide_id,path,label\n"
+        "a,slides/a.svs,1\n"
+        "other,slides/other.svs,0\n"
+        "dotted,slides/../slides/a.svs,0\n"
+        f"link,{slides / 'link.svs'},1\n"
+        "hard,slides/hard.svs,1\n"
+        "gone,slides/missing.svs,0\n"
+        "gone_again,slides/./missing.svs,1\n"
+    )
+    records, bad = read_manifest(_write(tmp_path, text))
+    assert [r.slide_id for r in records] == ["a", "other", "gone"]
+    assert [(b.slide_id, b.reason) for b in bad] == [
+        ("dotted", "same file as slide 'a' (line 2); one file must be one slide"),
+        ("link", "same file as slide 'a' (line 2); one file must be one slide"),
+        ("hard", "same file as slide 'a' (line 2); one file must be one slide"),
+        ("gone_again", "same file as slide 'gone' (line 7); one file must be one slide"),
+    ]
+    assert bad[0].path == str(tmp_path / "slides/../slides/a.svs")
