@@ -1,6 +1,9 @@
-"""Slide-level reports: AUROC with a bootstrapped 95% CI, ROC and loss curves, attention heatmaps.
+"""Slide-level reports: AUROC with a bootstrapped 95% CI, ROC and loss curves, known lesions.
 
-Plots are written with matplotlib's Agg backend (no screen needed) as PNG files.
+Plots are written with matplotlib's Agg backend (no screen needed) as PNG files. A bootstrap
+interval is reported only where it can mean something (enough slides of each class, both classes
+in nearly every resample); otherwise it is withheld with the reason, never printed as
+``[1.000, 1.000]`` over two slides.
 """
 
 from __future__ import annotations
@@ -8,64 +11,225 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+from lightning_wsi.data.synthetic import LESIONS_FORMAT, lesion_boxes
+from lightning_wsi.heatmaps import plot_attention_heatmap
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
+    "AurocCI",
+    "auroc_ci",
     "auroc_with_ci",
     "epoch_series",
+    "format_auroc",
     "known_lesions",
-    "write_predictions_csv",
+    "loss_series",
     "plot_attention_heatmap",
     "plot_loss_curve",
     "plot_roc",
+    "write_predictions_csv",
 ]
 
 _FPR_GRID = np.linspace(0.0, 1.0, 101)
+MIN_PER_CLASS = 5  # slides of each class below which a bootstrap AUROC interval is withheld
+MIN_USABLE = 0.9  # share of resamples that must hold both classes for the interval to stand
 
 
-def _resamples(targets: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
-    """``n`` bootstrap index sets that each hold both classes (AUROC needs them)."""
+@dataclass(frozen=True)
+class AurocCI:
+    """AUROC of slide probabilities with its 95% percentile-bootstrap interval, or why not.
+
+    Attributes:
+        auroc: AUROC over all slides; NaN when it is undefined (one class, non-finite scores).
+        low: Lower bound of the 95% interval; NaN when withheld.
+        high: Upper bound; NaN when withheld.
+        note: Why the interval (or the AUROC) is withheld; empty when it is given.
+        resamples: Bootstrap resamples the interval is computed from (0 when withheld).
+    """
+
+    auroc: float
+    low: float = math.nan
+    high: float = math.nan
+    note: str = ""
+    resamples: int = 0
+
+    @property
+    def has_interval(self) -> bool:
+        """Whether ``low`` and ``high`` are a reported interval."""
+        return not self.note and math.isfinite(self.low) and math.isfinite(self.high)
+
+
+def _bootstrap(targets: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, len(targets)]`` resampled slide indices and ``[n]`` whether each holds both classes."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n * 10):
-        idx = rng.integers(0, len(targets), len(targets))
-        if 0 < targets[idx].sum() < len(idx):
-            out.append(idx)
-            if len(out) == n:
-                break
-    return out
+    idx = rng.integers(0, len(targets), (n, len(targets)))
+    positives = targets[idx].sum(axis=1)
+    return idx, (positives > 0) & (positives < len(targets))
+
+
+def _withheld_because(
+    targets: np.ndarray, usable: np.ndarray, n_bootstrap: int, min_per_class: int, min_usable: float
+) -> str:
+    """Why an interval would mislead, or ``""`` when it may be reported."""
+    pos = int(targets.sum())
+    neg = len(targets) - pos
+    if n_bootstrap == 0:
+        return "bootstrap off (0 resamples)"
+    if min(pos, neg) < min_per_class:
+        return (
+            f"{len(targets)} slides ({pos} positive, {neg} negative): too few for a bootstrap "
+            f"interval, need >= {min_per_class} per class"
+        )
+    if usable.mean() < min_usable:  # floored, so 89.6% never reads as the 90% it missed
+        return (
+            f"only {math.floor(100 * usable.mean())}% of {n_bootstrap} resamples hold both "
+            f"classes, need >= {min_usable:.0%}"
+        )
+    return ""
+
+
+def _checked(probabilities: Sequence[float], targets: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """``[N]`` float64 probabilities and int64 targets; raises on a length or class mismatch."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    t = np.asarray(targets, dtype=np.float64).reshape(-1)
+    if len(p) != len(t):
+        raise ValueError(f"Expected as many probabilities as targets, got {len(p)} and {len(t)}")
+    if not np.isin(t, (0, 1)).all():
+        bad = sorted(set(t[~np.isin(t, (0, 1))].tolist()))[:5]
+        raise ValueError(f"Expected binary targets 0 or 1, got {bad}")
+    return p, t.astype(np.int64)
+
+
+def _auroc(p: np.ndarray, t: np.ndarray) -> float:
+    return float(binary_auroc(torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(t)))
+
+
+def auroc_ci(
+    probabilities: Sequence[float],
+    targets: Sequence[int],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    *,
+    min_per_class: int = MIN_PER_CLASS,
+    min_usable: float = MIN_USABLE,
+) -> AurocCI:
+    """AUROC of slide probabilities and its 95% percentile-bootstrap interval over slides.
+
+    The interval is withheld (NaN bounds, ``note`` says why) with fewer than ``min_per_class``
+    slides of either class, when under ``min_usable`` of the resamples hold both classes, or when
+    it has no width (classes that do not overlap give AUROC 1 in every resample): two slides
+    ranked right by 0.0002 give ``[1.000, 1.000]``, which only looks certain.
+
+    Args:
+        probabilities: ``[N]`` probability of the positive class per slide.
+        targets: ``[N]`` 0 or 1 per slide.
+        n_bootstrap: Resamples of the slides (with replacement); 0 turns the interval off.
+        seed: Seed of the resampling.
+        min_per_class: Slides of each class needed for an interval.
+        min_usable: Share of resamples that must hold both classes.
+
+    Example:
+        >>> auroc_ci([0.4990, 0.4992], [0, 1]).note
+        '2 slides (1 positive, 1 negative): too few for a bootstrap interval, need >= 5 per class'
+    """
+    if n_bootstrap < 0:
+        raise ValueError(f"Expected `n_bootstrap` >= 0 resamples, but got {n_bootstrap}")
+    p, t = _checked(probabilities, targets)
+    if t.size == 0 or t.min() == t.max():
+        kind = "no slides" if t.size == 0 else f"{t.size} slides, all of class {t[0]}"
+        return AurocCI(math.nan, note=f"{kind}: AUROC needs both classes")
+    if not np.isfinite(p).all():
+        bad = int((~np.isfinite(p)).sum())
+        return AurocCI(math.nan, note=f"{bad} of {p.size} probabilities are not finite")
+    value = _auroc(p, t)
+    idx, usable = _bootstrap(t, n_bootstrap, seed)
+    note = _withheld_because(t, usable, n_bootstrap, min_per_class, min_usable)
+    if note:
+        return AurocCI(value, note=note)
+    scores = [_auroc(p[i], t[i]) for i in idx[usable]]
+    low, high = np.percentile(scores, [2.5, 97.5])
+    if high - low < 1e-6:  # classes that never overlap: every resample agrees (float32 sums)
+        note = f"every resample gives AUROC {high:.3f}: a bootstrap cannot bound it"
+        return AurocCI(value, note=note)
+    return AurocCI(value, float(low), float(high), resamples=len(scores))
 
 
 def auroc_with_ci(
     probabilities: Sequence[float], targets: Sequence[int], n_bootstrap: int = 1000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """AUROC of slide probabilities and its 95% percentile-bootstrap interval over slides.
-
-    Returns:
-        ``(auroc, low, high)``; NaNs when the targets hold a single class.
+    """``(auroc, low, high)`` of :func:`auroc_ci`: NaN bounds where the interval is withheld.
 
     Example:
         >>> auroc_with_ci([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], n_bootstrap=200)[0]
         0.75
     """
-    p = torch.as_tensor(np.asarray(probabilities, dtype=np.float32))
-    t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-    if t.numel() == 0 or t.min() == t.max():
-        return math.nan, math.nan, math.nan
-    value = float(binary_auroc(p, t))
-    scores = [float(binary_auroc(p[i], t[i])) for i in _resamples(t.numpy(), n_bootstrap, seed)]
-    low, high = np.percentile(scores, [2.5, 97.5]) if scores else (math.nan, math.nan)
-    return value, float(low), float(high)
+    ci = auroc_ci(probabilities, targets, n_bootstrap, seed)
+    return ci.auroc, ci.low, ci.high
+
+
+def format_auroc(ci: AurocCI, name: str = "val/auroc") -> str:
+    """The line the train command prints for ``ci``.
+
+    Example:
+        >>> format_auroc(AurocCI(0.8734, 0.712, 0.968, resamples=1000))
+        'val/auroc 0.873 [0.71, 0.97]  (95% bootstrap CI, 1000 resamples)'
+    """
+    if math.isnan(ci.auroc):
+        return f"{name} n/a  ({ci.note})"
+    if not ci.has_interval:
+        return f"{name} {ci.auroc:.3f}  (no interval: {ci.note})"
+    return (
+        f"{name} {ci.auroc:.3f} [{ci.low:.2f}, {ci.high:.2f}]  "
+        f"(95% bootstrap CI, {ci.resamples} resamples)"
+    )
+
+
+def _roc_band(p: np.ndarray, t: np.ndarray, n_bootstrap: int, seed: int) -> np.ndarray:
+    """``[2, 101]`` 2.5% and 97.5% true-positive rate at each false-positive rate of the grid,
+    over the same resamples as :func:`auroc_ci` (same seed)."""
+    idx, usable = _bootstrap(t, n_bootstrap, seed)
+    curves = []
+    for i in idx[usable]:
+        f, r, _ = binary_roc(torch.as_tensor(p[i]), torch.as_tensor(t[i]))
+        curves.append(np.interp(_FPR_GRID, f.numpy(), r.numpy()))
+    return np.percentile(np.stack(curves), [2.5, 97.5], axis=0)
+
+
+def _roc_figure(
+    probabilities: Sequence[float], targets: Sequence[int], n_bootstrap: int, seed: int, title: str
+) -> tuple[plt.Figure, AurocCI]:
+    """The ROC figure of :func:`plot_roc` and the :class:`AurocCI` it shows."""
+    p, t = _checked(probabilities, targets)
+    ci = auroc_ci(p, t, n_bootstrap, seed)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if ci.has_interval:
+        band = _roc_band(p, t, n_bootstrap, seed)
+        ax.fill_between(_FPR_GRID, band[0], band[1], alpha=0.25, label="95% bootstrap band")
+    fpr, tpr = ([], [])
+    if not math.isnan(ci.auroc):
+        fpr, tpr, _ = (v.numpy() for v in binary_roc(torch.as_tensor(p), torch.as_tensor(t)))
+    ax.plot(fpr, tpr, lw=2, label=textwrap.fill(format_auroc(ci, "AUROC"), 48))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(f"{title} ({len(t)} slides)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig, ci
 
 
 def plot_roc(
@@ -75,29 +239,19 @@ def plot_roc(
     n_bootstrap: int = 1000,
     seed: int = 0,
     title: str = "Validation ROC",
-) -> None:
-    """ROC curve with a bootstrapped 95% band (true-positive rate at each false-positive rate)."""
-    p = torch.as_tensor(np.asarray(probabilities, dtype=np.float32))
-    t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-    auroc, low, high = auroc_with_ci(probabilities, targets, n_bootstrap, seed)
-    fpr, tpr, _ = binary_roc(p, t)
-    curves = []
-    for idx in _resamples(t.numpy(), n_bootstrap, seed):
-        f, r, _ = binary_roc(p[idx], t[idx])
-        curves.append(np.interp(_FPR_GRID, f.numpy(), r.numpy()))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    if curves:
-        band = np.percentile(np.stack(curves), [2.5, 97.5], axis=0)
-        ax.fill_between(_FPR_GRID, band[0], band[1], alpha=0.25, label="95% bootstrap band")
-    ax.plot(fpr.numpy(), tpr.numpy(), lw=2, label=f"AUROC {auroc:.3f} [{low:.3f}, {high:.3f}]")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title(f"{title} ({len(t)} slides)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+) -> AurocCI:
+    """ROC curve, with the bootstrapped 95% band only where :func:`auroc_ci` gives an interval
+    (the legend says why not otherwise).
+
+    Returns:
+        The :class:`AurocCI` the legend shows (the same as ``auroc_ci`` with these arguments).
+    """
+    fig, ci = _roc_figure(probabilities, targets, n_bootstrap, seed, title)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return ci
 
 
 def _read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
@@ -106,95 +260,102 @@ def _read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
 
 
 def epoch_series(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
-    """``(epoch, value)`` of one logged metric from Lightning's ``CSVLogger`` file."""
+    """``(epoch, value)`` of one logged metric from Lightning's ``CSVLogger`` file, in file
+    order; rows whose epoch or value is missing or not a number are left out."""
     series = []
     for row in _read_metrics(metrics_csv):
-        if row.get(key) not in (None, ""):
-            series.append((int(float(row["epoch"])), float(row[key])))
+        try:
+            epoch, value = int(float(row.get("epoch") or "")), float(row.get(key) or "")
+        except (ValueError, OverflowError):
+            continue
+        series.append((epoch, value))
     return series
 
 
-def plot_loss_curve(metrics_csv: Path, path: Path) -> None:
-    """Training and validation loss per epoch, from Lightning's ``CSVLogger`` file."""
+def loss_series(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": ..., "validation": ...}`` ``(epoch, loss)`` pairs as the loss curve shows them.
+
+    One value per epoch (the first logged). A validation row whose epoch has no training row is
+    left out: ``trainer.validate`` after ``fit`` logs one at the epoch after the last.
+    """
+    train = dict(reversed(epoch_series(metrics_csv, "train/loss_epoch")))
+    val = dict(reversed(epoch_series(metrics_csv, "val/loss")))
+    return {
+        "train": sorted(train.items()),
+        "validation": sorted((e, v) for e, v in val.items() if e in train),
+    }
+
+
+def _loss_figure(series: Mapping[str, Sequence[tuple[int, float]]]) -> plt.Figure:
+    """Loss per epoch (1-based, integer ticks) for each named series."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("train/loss_epoch", "train"), ("val/loss", "validation")):
-        series = epoch_series(metrics_csv, key)
-        if series:
-            ax.plot([e + 1 for e, _ in series], [v for _, v in series], marker="o", label=label)
+    for label, points in series.items():
+        if points:
+            ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Slide-level loss")
-    ax.legend(fontsize=8)
+    if any(series.values()):
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_attention_heatmap(
-    thumbnail: np.ndarray,
-    thumb_mpp: float,
-    slide_mpp: float,
-    coords: np.ndarray,
-    tile_size_level0: int,
-    attention: np.ndarray,
-    path: Path,
-    title: str,
-    boxes: Sequence[Sequence[float]] = (),
-) -> None:
-    """Per-tile attention painted over the slide thumbnail.
+def plot_loss_curve(metrics_csv: Path, path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Training and validation loss per epoch, from Lightning's ``CSVLogger`` file.
 
-    Args:
-        thumbnail: ``[h, w, 3]`` uint8 at ``thumb_mpp`` µm/px.
-        thumb_mpp: The thumbnail's µm per pixel.
-        slide_mpp: Level-0 µm per pixel.
-        coords: ``[K, 2]`` level-0 top-left ``(x, y)`` of the tiles.
-        tile_size_level0: A tile's side in level-0 pixels.
-        attention: ``[K]`` weights; shown relative to the largest.
-        path: PNG to write.
-        title: Figure title.
-        boxes: Level-0 ``[x, y, w, h]`` rectangles to outline (e.g. known lesions).
+    Returns:
+        The plotted series, as :func:`loss_series` gives them.
     """
-    scale = slide_mpp / thumb_mpp
-    heat = np.full(thumbnail.shape[:2], np.nan, dtype=np.float32)
-    weights = np.asarray(attention, dtype=np.float32)
-    weights = weights / weights.max() if weights.size and weights.max() > 0 else weights
-    side = max(1, round(tile_size_level0 * scale))
-    for (x, y), w in zip(np.asarray(coords), weights, strict=True):
-        c, r = round(x * scale), round(y * scale)
-        heat[r : r + side, c : c + side] = w
-    aspect = thumbnail.shape[0] / thumbnail.shape[1]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.0 * aspect + 0.6), layout="constrained")
-    axes[0].imshow(thumbnail)
-    axes[1].imshow(thumbnail)
-    shown = axes[1].imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-    for ax in axes:
-        for x, y, w, h in boxes:
-            ax.add_patch(
-                plt.Rectangle(
-                    (x * scale, y * scale), w * scale, h * scale, fill=False, ec="cyan", lw=1
-                )
-            )
-        ax.set_axis_off()
-    fig.colorbar(shown, ax=axes[1], fraction=0.04, label="attention / max")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    series = loss_series(metrics_csv)
+    fig = _loss_figure(series)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return series
 
 
 def write_predictions_csv(path: Path, predictions: Sequence[Mapping[str, Any]]) -> None:
-    """One row per slide: id, target, prediction (probabilities or value), tiles used."""
+    """One row per slide: id, status, target, prediction (probabilities or value), tiles used,
+    and why there is no prediction.
+
+    ``status`` is ``ok``, or what a record without a prediction says (``dropped`` while reading,
+    ``bad`` at setup) with its ``reason``; such rows have empty cells and 0 tiles.
+    """
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide_id", "target", "prediction", "n_tiles"])
+        writer.writerow(["slide_id", "status", "target", "prediction", "n_tiles", "reason"])
         for p in predictions:
             value = p.get("probabilities", p.get("prediction"))
             value = value.tolist() if isinstance(value, torch.Tensor) else value
             target = p.get("target")
             target = target.tolist() if isinstance(target, torch.Tensor) else target
-            writer.writerow([p["slide_id"], target, value, len(p["coords"])])
+            coords = p.get("coords")
+            writer.writerow([
+                p["slide_id"], p.get("status", "ok"), target, value,
+                0 if coords is None else len(coords), p.get("reason", ""),
+            ])  # fmt: skip
 
 
-def known_lesions(root: Path) -> dict[str, list]:
-    """Known lesion boxes of synthetic slides (``lesions.json``), drawn on the heatmaps."""
-    path = root / "lesions.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def known_lesions(root: Path) -> dict[str, list[list[float]]]:
+    """Known lesion boxes (level-0 ``[x, y, w, h]`` per slide id) of a synthetic dataset.
+
+    Reads ``root/lesions.json`` only when it carries :data:`LESIONS_FORMAT` (as
+    :func:`~lightning_wsi.data.make_synthetic_dataset` writes it). Anything else (absent,
+    unreadable, another format) gives ``{}``; a marked file that is malformed gives ``{}`` and a
+    warning. Never raises: boxes only decorate heatmaps.
+    """
+    path = Path(root) / "lesions.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != LESIONS_FORMAT:
+        return {}
+    try:
+        return lesion_boxes(data.get("lesions"))
+    except ValueError as err:
+        warnings.warn(f"{path}: {err}; heatmaps are drawn without lesion boxes", stacklevel=2)
+        return {}

@@ -24,7 +24,9 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 __all__ = [
+    "LESIONS_FORMAT",
     "SyntheticSlide",
+    "lesion_boxes",
     "make_synthetic_dataset",
     "make_synthetic_slide",
     "write_pyramidal_tiff",
@@ -39,6 +41,8 @@ _TILE_UM = 112.0  # a 224 px tile at 0.5 µm/px; lesion sizes and tissue amounts
 _H_OD = np.array([0.5626, 0.7201, 0.4062])
 _E_OD = np.array([0.2159, 0.8012, 0.5581])
 _FORMAT_VERSION = 1  # bump when the drawing changes, so cached datasets are regenerated
+# Marks a lesions.json as ours: readers ignore any other lesions.json beside a manifest.
+LESIONS_FORMAT = "lightning-wsi/synthetic-lesions-v1"
 
 
 @dataclass
@@ -411,6 +415,61 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def lesion_boxes(lesions: object) -> dict[str, list[list[float]]]:
+    """Check the ``"lesions"`` entry of a ``lesions.json``: slide id -> ``[[x, y, w, h], ...]``.
+
+    Raises:
+        ValueError: Not a mapping of lists of 4 finite numbers; names the slide and the value.
+
+    Example:
+        >>> lesion_boxes({"syn_001": [[10, 20, 30.5, 40]]})
+        {'syn_001': [[10, 20, 30.5, 40]]}
+    """
+    if not isinstance(lesions, dict):
+        raise ValueError(f"expected a mapping of slide id to boxes, got {type(lesions).__name__}")
+    for slide_id, boxes in lesions.items():
+        if not isinstance(boxes, list) or not all(_is_box(b) for b in boxes):
+            raise ValueError(
+                f"slide {slide_id!r}: expected a list of [x, y, w, h] boxes of 4 finite numbers, "
+                f"got {str(boxes)[:80]}"
+            )
+    return {str(slide_id): [list(b) for b in boxes] for slide_id, boxes in lesions.items()}
+
+
+def _is_box(box: object) -> bool:
+    """4 finite numbers (JSON's ``true`` is a bool, not a number)."""
+    return (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in box
+        )
+    )
+
+
+def _write_lesions(root: Path, lesions: dict[str, list]) -> None:
+    """``root/lesions.json`` with the format marker that readers of the boxes require."""
+    payload = {"format": LESIONS_FORMAT, "lesions": lesions}
+    _write_atomic(root / "lesions.json", json.dumps(payload, indent=1))
+
+
+def _upgrade_lesions(root: Path) -> None:
+    """Rewrite a ``lesions.json`` from before the format marker (a bare slide id -> boxes
+    mapping) with the marker. Anything else is left alone: a marked file is current, and a
+    missing, foreign or malformed one means heatmaps draw no lesion boxes (the slides are fine)."""
+    path = root / "lesions.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(data, dict) or "format" in data:
+        return
+    try:
+        _write_lesions(root, lesion_boxes(data))
+    except (OSError, ValueError):  # malformed, or a read-only dataset folder: no boxes
+        return
+
+
 def make_synthetic_dataset(
     root: str | os.PathLike,
     n_slides: int = 40,
@@ -426,10 +485,11 @@ def make_synthetic_dataset(
     """Write a synthetic slide dataset and its manifest; reuse it when already there.
 
     Writes ``root/slides/syn_XXX.{tiff,svs}``, ``root/manifest.csv`` (``slide_id,path,label``
-    with paths relative to ``root``), ``root/lesions.json`` (slide_id -> lesion boxes
-    ``[x, y, w, h]`` in level-0 pixels, positives only) and ``root/synthetic.json`` (the
-    parameters, written last: a dataset whose parameters match and whose files all exist is
-    returned as is).
+    with paths relative to ``root``), ``root/lesions.json`` (``{"format": LESIONS_FORMAT,
+    "lesions": {slide_id: [[x, y, w, h], ...]}}``, level-0 pixels, positives only) and
+    ``root/synthetic.json`` (the parameters, written last: a dataset whose parameters match and
+    whose files all exist is returned as is, its ``lesions.json`` rewritten with the format
+    marker if it was written before the marker existed).
 
     Args:
         root: output folder.
@@ -472,6 +532,7 @@ def make_synthetic_dataset(
         if json.loads(params_path.read_text()) == params:
             with manifest.open() as f:
                 if all((root / row["path"]).exists() for row in csv.DictReader(f)):
+                    _upgrade_lesions(root)
                     return manifest
     params_path.unlink(missing_ok=True)
     (root / "slides").mkdir(parents=True, exist_ok=True)
@@ -521,7 +582,7 @@ def make_synthetic_dataset(
     lesions = {
         t["slide_id"]: [list(b) for b in results[t["slide_id"]]] for t in tasks if t["label"]
     }
-    _write_atomic(root / "lesions.json", json.dumps(lesions, indent=1))
+    _write_lesions(root, lesions)
     rows = "".join(f"{t['slide_id']},{t['rel']},{t['label']}\n" for t in tasks)
     _write_atomic(manifest, "slide_id,path,label\n" + rows)
     _write_atomic(params_path, json.dumps(params, indent=1))

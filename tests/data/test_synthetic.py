@@ -12,6 +12,7 @@ import tifffile
 from scipy import ndimage
 
 from lightning_wsi.data.synthetic import (
+    LESIONS_FORMAT,
     make_synthetic_dataset,
     make_synthetic_slide,
     write_pyramidal_tiff,
@@ -216,7 +217,9 @@ def test_dataset_manifest_lesions_and_idempotence(tmp_path):
     for flavour in flavours:  # stratified: each flavour has both labels
         assert {r["label"] for r in rows if r["path"].endswith(flavour)} == {"0", "1"}
 
-    lesions = json.loads((tmp_path / "lesions.json").read_text())
+    data = json.loads((tmp_path / "lesions.json").read_text())
+    assert data["format"] == LESIONS_FORMAT
+    lesions = data["lesions"]
     assert set(lesions) == {r["slide_id"] for r in rows if r["label"] == "1"}
     for r in rows:
         assert not r["path"].startswith("/") and r["path"].startswith("slides/")
