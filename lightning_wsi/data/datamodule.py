@@ -25,6 +25,12 @@ from lightning_wsi.data.manifest import (
     stratified_split,
 )
 from lightning_wsi.data.manifest_tiling import SlideJob, TilingSummary, tile_many
+from lightning_wsi.data.problems import (
+    DEFAULT_MAX_BAD_TILE_FRACTION,
+    Problem,
+    ProblemLog,
+    ProblemRecorder,
+)
 from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import SlideError
@@ -86,6 +92,10 @@ class SlideDataModule(LightningDataModule):
         tiling_workers: processes for tiling; ``None`` uses every core.
         pin_memory: pin loaded tiles for faster host-to-GPU copies.
         on_bad_slide: ``"raise"`` or ``"skip"``.
+        max_bad_tile_fraction: A tile that fails to read (after a retry with the slide reopened)
+            is left out of its step; a slide with more than this share of a sample failing, or
+            whose file vanishes, is dropped for the rest of the run. Every loss is recorded in
+            :attr:`problems`.
         progress: show progress bars and print the tiling summary.
         predict_splits: splits ``predict_dataloader`` covers (e.g. ``["val"]``); all by default.
         require_labels: ``False`` accepts slides without a label (no ``label`` column or an
@@ -130,6 +140,7 @@ class SlideDataModule(LightningDataModule):
         tiling_workers: int | None = None,
         pin_memory: bool = False,
         on_bad_slide: Literal["raise", "skip"] = "raise",
+        max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
         progress: bool = True,
         predict_splits: Sequence[str] | None = None,
         require_labels: bool = True,
@@ -139,6 +150,10 @@ class SlideDataModule(LightningDataModule):
         # The resolved mean/std are stored rather than the encoder name, which would clash with
         # the module's own `encoder` hyperparameter in Lightning's merged hparams.
         self.save_hyperparameters(ignore=["encoder", "mean", "std"])
+        # Paths are stored as text: a checkpoint must load with torch.load(weights_only=True).
+        for key in ("manifest", "cache_dir"):
+            if self.hparams.get(key) is not None:
+                self.hparams[key] = str(self.hparams[key])
         if on_bad_slide not in ("raise", "skip"):
             raise ValueError(f"on_bad_slide must be 'raise' or 'skip', got {on_bad_slide!r}")
         if k < 1 or (eval_k is not None and eval_k < 1):
@@ -167,6 +182,11 @@ class SlideDataModule(LightningDataModule):
             pin_memory,
         )
         self.on_bad_slide = on_bad_slide
+        if not 0.0 <= max_bad_tile_fraction < 1.0:
+            raise ValueError(
+                f"max_bad_tile_fraction must lie in [0, 1), got {max_bad_tile_fraction}"
+            )
+        self.max_bad_tile_fraction = max_bad_tile_fraction
         unknown = set(predict_splits or ()) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"predict_splits must be train/val/test, got {sorted(unknown)}")
@@ -174,6 +194,7 @@ class SlideDataModule(LightningDataModule):
         self.require_labels = require_labels
         self.progress = progress
         self.bad_slides: list[BadSlide] = []
+        self.problems = ProblemLog()  # every bad slide, left-out tile and dropped slide
         self.splits: dict[str, list[SlideEntry]] = {}
         self.tiling_summary: TilingSummary | None = None
         self._tiling: tuple[list[SlideRecord], list[BadSlide], TilingSummary] | None = None
@@ -188,6 +209,7 @@ class SlideDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = self._load()
+        self._attach_recorder()
         # val_fraction=0 says "no validation": fit then runs without a val split.
         fit = ("train", "val") if self.val_fraction > 0 else ("train",)
         needed = {"fit": fit, "validate": ("val",), "test": ("test",)}
@@ -197,6 +219,16 @@ class SlideDataModule(LightningDataModule):
                     f"split {split!r} of manifest {self.manifest} has no usable slide "
                     f"(stage {stage!r}); give rows split={split} or set val_fraction/test_fraction"
                 )
+
+    def _attach_recorder(self) -> None:
+        """Give the trainer a callback that records what each loaded slide reports (once)."""
+        trainer = self.trainer
+        if trainer is None or any(
+            isinstance(c, ProblemRecorder) and c.problems is self.problems for c in trainer.callbacks
+        ):
+            return
+        paths = {e.slide_id: e.path for split in self.splits.values() for e in split}
+        trainer.callbacks.append(ProblemRecorder(self.problems, paths))
 
     def _tile_manifest(self) -> tuple[list[SlideRecord], list[BadSlide], TilingSummary]:
         if self._tiling is None:
@@ -226,14 +258,20 @@ class SlideDataModule(LightningDataModule):
                 if record.label or self.require_labels:
                     target = parse_target(record.label, self.task, self.classes, self.num_classes)
             except ValueError as err:
-                bad.append(BadSlide(record.slide_id, record.path, str(err)))
-                continue
+                if self.require_labels:
+                    bad.append(BadSlide(record.slide_id, record.path, str(err)))
+                    continue
+                # Prediction needs no label: a readable slide is predicted, its label reported.
+                self.problems.add(
+                    Problem("label ignored", record.slide_id, record.path, str(err), stage="setup")
+                )
             if isinstance(tiles, SlideError):
                 bad.append(BadSlide(record.slide_id, record.path, str(tiles)))
             elif len(tiles) == 0:
                 bad.append(BadSlide(record.slide_id, record.path, _no_tissue(tiles, self)))
             else:
                 good.append((record, SlideEntry(record.slide_id, record.path, target, tiles)))
+        self._report_uncached(records, summary)
         self._report_bad(bad, n_rows=len(records) + len(bad_rows))
         splits = self._assign_splits(good)
         return {
@@ -260,8 +298,30 @@ class SlideDataModule(LightningDataModule):
             test_fraction=self.test_fraction,
         )
 
+    def _report_uncached(self, records: list[SlideRecord], summary: TilingSummary) -> None:
+        """A cache that cannot be written costs speed, not slides: one warning for the run."""
+        failed = [
+            (record, tiles.cache_error)
+            for record, tiles in zip(records, summary.results, strict=True)
+            if getattr(tiles, "cache_error", None)
+        ]
+        for record, error in failed:
+            self.problems.add(Problem("cache", record.slide_id, record.path, error, stage="setup"))
+        if failed and self._is_global_zero():
+            warnings.warn(
+                f"the tile cache {self.cache_dir} cannot be written ({failed[0][1]}); "
+                f"{len(failed)} slides were tiled without caching and will be tiled again next "
+                "run. Give a writable cache_dir to keep their coordinates.",
+                stacklevel=3,
+            )
+
+    def _is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
     def _report_bad(self, bad: list[BadSlide], n_rows: int) -> None:
         self.bad_slides = bad
+        for b in bad:
+            self.problems.add(Problem("bad slide", b.slide_id, b.path, b.reason, stage="setup"))
         if not bad:
             return
         listing = "\n".join(f"  {b}" for b in bad)
@@ -272,11 +332,13 @@ class SlideDataModule(LightningDataModule):
                 "without them.",
                 bad,
             )
-        warnings.warn(
-            f"skipping {len(bad)} of {n_rows} slides in manifest {self.manifest} "
-            f"(on_bad_slide='skip'); they are listed in SlideDataModule.bad_slides:\n{listing}",
-            stacklevel=2,
-        )
+        if self._is_global_zero():  # a plain line, not a warning: filters must not hide it
+            print(
+                f"skipping {len(bad)} of {n_rows} slides in manifest {self.manifest} "
+                f"(on_bad_slide='skip'); they are in SlideDataModule.bad_slides and the "
+                f"problem record:\n{listing}",
+                flush=True,
+            )
 
     # ------------------------------------------------------------------------- loaders
     def _placement(self) -> tuple[int, int, bool]:
@@ -313,7 +375,13 @@ class SlideDataModule(LightningDataModule):
             shard_rank=rank if slide_parallel else 0,
             shard_count=world if slide_parallel else 1,
             augment=self.augment if train else None,
+            max_bad_tile_fraction=self.max_bad_tile_fraction,
         )
+        index = {entry.slide_id: i for i, entry in enumerate(slides)}
+
+        def dropped() -> dict[int, str]:
+            return {index[s]: r for s, r in self.problems.dropped.items() if s in index}
+
         sampler = SlideSampler(
             len(slides),
             shuffle=train,
@@ -323,6 +391,7 @@ class SlideDataModule(LightningDataModule):
             split_slides=not slide_parallel and world > 1,
             pad=train,
             epoch_source=self._epoch if train and self.trainer is not None else None,
+            dropped_source=dropped,
         )
         loader_class = DeferredDataLoader if train else DataLoader
         return loader_class(

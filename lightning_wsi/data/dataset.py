@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_wsi.data.augment import TileAugment
+from lightning_wsi.data.problems import DEFAULT_MAX_BAD_TILE_FRACTION, max_bad_tiles, slide_problem
 from lightning_wsi.data.sampling import (
     eval_tile_indices,
     sample_tile_indices,
@@ -47,7 +48,13 @@ class SlideDataset(Dataset):
 
     Items are keyed ``(slide_index, epoch)``, as
     :class:`~lightning_wsi.data.sampling.SlideSampler` yields them, or by a plain ``slide_index``
-    (epoch 0).
+    (epoch 0); ``(slide_index, epoch, reason)`` asks for a slide dropped earlier in the run,
+    which is not read again (an item without tiles whose ``slide_problem`` is ``reason``).
+
+    A bad tile costs a tile: a read that fails is retried once with the slide reopened; if it
+    fails again the tile is left out of the item (and listed in ``tile_problems``). When the file
+    has vanished or cannot be reopened, or more than ``max_bad_tile_fraction`` of the sample
+    failed, the item carries no tiles and a ``slide_problem`` (:mod:`~lightning_wsi.data.problems`).
 
     Returns per item:
         ``tiles`` ``[k_r, 3, H, W]`` uint8 (channels-last memory; made float and normalised on
@@ -55,7 +62,9 @@ class SlideDataset(Dataset):
         ``[k_r, 4]`` per-tile colour factors when colour jitter is on; ``coords`` ``[k_r, 2]``
         int64 level-0 ``(x, y)``; ``target`` 0-d (int64 class or float32 value); ``slide_id`` str;
         ``tile_index`` ``[k_r]`` int64 positions in the slide's tile list; ``num_tiles`` int, the
-        size of the whole sample over all shards.
+        size of the whole sample over all shards; ``tile_problems`` list of ``{"x", "y",
+        "error"}`` of tiles left out; ``max_bad_tiles`` int, how many the whole sample
+        tolerates; ``slide_problem`` str or ``None``.
     """
 
     def __init__(
@@ -68,8 +77,14 @@ class SlideDataset(Dataset):
         shard_rank: int = 0,
         shard_count: int = 1,
         augment: TileAugment | None = None,
+        max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
     ) -> None:
+        if not 0.0 <= max_bad_tile_fraction < 1.0:
+            raise ValueError(
+                f"max_bad_tile_fraction must lie in [0, 1), got {max_bad_tile_fraction}"
+            )
         self.slides = list(slides)
+        self.max_bad_tile_fraction = max_bad_tile_fraction
         self.k = k
         self.eval_k = eval_k
         self.seed = seed
@@ -92,15 +107,13 @@ class SlideDataset(Dataset):
             n_tiles, self.k, seed=self.seed, epoch=epoch, slide_id=entry.slide_id
         )
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple) -> dict[str, Any]:
+        index, epoch, dropped = (key, 0, None) if not isinstance(key, tuple) else (*key, None)[:3]
         entry = self.slides[index]
         sample = self.sample_indices(index, epoch)
         start, stop = shard_bounds(len(sample), self.shard_rank, self.shard_count)
         shard = sample[start:stop]
-        coords = entry.tiles.coords[shard]
-        item: dict[str, Any] = {}
-        symmetries = [0] * len(shard)
+        symmetries, factors = [0] * len(shard), None
         if self.augment is not None:
             draws = [
                 self.augment.draw(tile_rng(self.seed, epoch, entry.slide_id, int(t))) for t in shard
@@ -108,35 +121,89 @@ class SlideDataset(Dataset):
             symmetries = [symmetry for symmetry, _ in draws]
             if self.augment.color_jitter > 0:
                 factors = np.stack([f for _, f in draws]) if draws else np.zeros((0, 4), np.float32)
-                item["color_jitter"] = torch.from_numpy(factors)
-        pixels = self._read(entry, coords, symmetries)
+        tolerated = max_bad_tiles(len(sample), self.max_bad_tile_fraction)
+        if dropped is not None:
+            pixels, kept, problems, problem = self._empty(entry), [], [], str(dropped)
+        else:
+            pixels, kept, problems, problem = self._read(entry, shard, symmetries)
+            problem = slide_problem(len(problems), len(sample), tolerated, problem)
+        if problem is not None:  # nothing of this slide is used in this step
+            pixels, kept = self._empty(entry), []
+        shard = shard[kept]
+        item: dict[str, Any] = {}
+        if factors is not None:
+            item["color_jitter"] = torch.from_numpy(np.ascontiguousarray(factors[kept]))
         if entry.target is not None:
             target_dtype = torch.float32 if isinstance(entry.target, float) else torch.int64
             item["target"] = torch.tensor(entry.target, dtype=target_dtype)
         item.update(
             tiles=torch.from_numpy(pixels).permute(0, 3, 1, 2),
-            coords=torch.from_numpy(coords.copy()),
+            coords=torch.from_numpy(entry.tiles.coords[shard].copy()),
             slide_id=entry.slide_id,
             tile_index=torch.from_numpy(shard.copy()),
             num_tiles=len(sample),
+            tile_problems=problems,
+            max_bad_tiles=tolerated,
+            slide_problem=problem,
         )
         return item
 
-    def _read(self, entry: SlideEntry, coords: np.ndarray, symmetries: Sequence[int]) -> np.ndarray:
-        """``[k_r, T, T, 3]`` uint8 tiles at the target mpp, each under its symmetry."""
+    def _empty(self, entry: SlideEntry) -> np.ndarray:
         size = entry.tiles.tile_size
+        return np.empty((0, size, size, 3), dtype=np.uint8)
+
+    def _read(
+        self, entry: SlideEntry, shard: np.ndarray, symmetries: Sequence[int]
+    ) -> tuple[np.ndarray, list[int], list[dict[str, Any]], str | None]:
+        """Read this shard's tiles at the target mpp, each under its symmetry.
+
+        Returns:
+            ``[n, T, T, 3]`` uint8 tiles that could be read, their positions in ``shard``, the
+            ``{"x", "y", "error"}`` of tiles left out, and a reason when the slide itself is
+            gone (then nothing else is read).
+        """
+        size = entry.tiles.tile_size
+        coords = entry.tiles.coords[shard]
         out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
-        slide = self._slide(entry)
+        kept: list[int] = []
+        problems: list[dict[str, Any]] = []
         for i, (x, y) in enumerate(coords):
             try:
-                tile = slide.read_tile(int(x), int(y), entry.tiles.tile_size_level0, size)
-            except Exception as err:
-                raise SlideError(
-                    f"slide {entry.slide_id!r}: reading the tile at level-0 ({x}, {y}) of "
-                    f"{entry.path} failed ({type(err).__name__}: {err}); the file may be corrupt"
-                ) from err
-            out[i] = TileAugment.geometry(tile, symmetries[i])
-        return out
+                tile = self._read_tile(entry, int(x), int(y))
+            except SlideError as err:  # the file vanished or cannot be opened again
+                return out[:0], [], problems, str(err)
+            except Exception as err:  # noqa: BLE001 - twice unreadable: this tile is left out
+                problems.append({"x": int(x), "y": int(y), "error": _reason(err)})
+                continue
+            out[len(kept)] = TileAugment.geometry(tile, symmetries[i])
+            kept.append(i)
+        return out[: len(kept)], kept, problems, None
+
+    def _read_tile(self, entry: SlideEntry, x: int, y: int) -> np.ndarray:
+        """One tile; on failure the slide is reopened and the read tried once more.
+
+        Raises:
+            SlideError: The slide cannot be opened again (moved, deleted, truncated).
+            Exception: The second read failed too.
+        """
+        size, size0 = entry.tiles.tile_size, entry.tiles.tile_size_level0
+        try:
+            return self._slide(entry).read_tile(x, y, size0, size)
+        except Exception:  # noqa: BLE001 - a transient failure (NFS, a handle gone bad): retry
+            self._forget(entry)
+        if not os.path.isfile(entry.path):
+            raise SlideError(
+                f"slide {entry.slide_id!r}: its file {entry.path} disappeared during the run"
+            )
+        return self._slide(entry).read_tile(x, y, size0, size)
+
+    def _forget(self, entry: SlideEntry) -> None:
+        slide = self._open.pop(entry.path, None)
+        if slide is not None:
+            try:
+                slide.close()
+            except Exception:  # noqa: BLE001 - a broken handle may fail to close; it is gone
+                pass
 
     def _slide(self, entry: SlideEntry) -> Slide:
         if os.getpid() != self._pid:  # a forked worker must not share its parent's file handles
@@ -160,3 +227,11 @@ class SlideDataset(Dataset):
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # handles do not cross process boundaries (spawn)
         return state
+
+
+def _reason(error: BaseException) -> str:
+    """What a failed tile read says, on one line."""
+    if isinstance(error, MemoryError):
+        return "out of memory while reading the tile"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

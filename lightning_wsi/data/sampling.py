@@ -9,7 +9,7 @@ would draw, and the shards concatenated in rank order are exactly that sample.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from torch.utils.data import DistributedSampler
@@ -100,6 +100,9 @@ class SlideSampler(DistributedSampler):
         split_slides: data-parallel mode (see above).
         pad: repeat slides so all ranks get the same count (training in data-parallel mode).
         epoch_source: returns the current epoch; overrides ``set_epoch``.
+        dropped_source: returns ``{slide_index: reason}`` of slides dropped earlier in the run;
+            they keep their place in the order (every rank steps equally) but are yielded as
+            ``(slide_index, epoch, reason)``, which the dataset answers without reading them.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SlideSampler(DistributedSampler):
         split_slides: bool = False,
         pad: bool = False,
         epoch_source: Callable[[], int] | None = None,
+        dropped_source: Callable[[], Mapping[int, str]] | None = None,
     ) -> None:
         # DistributedSampler.__init__ needs a dataset and maybe a process group; set its fields.
         self.n_slides = n_slides
@@ -124,6 +128,7 @@ class SlideSampler(DistributedSampler):
         self.pad = pad
         self.epoch = 0
         self.epoch_source = epoch_source
+        self.dropped_source = dropped_source
         self.drop_last = False
 
     def current_epoch(self) -> int:
@@ -143,9 +148,15 @@ class SlideSampler(DistributedSampler):
             order = np.concatenate([order, np.resize(order, missing)])
         return order[self.rank :: self.num_replicas]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, str]]:
         epoch = self.current_epoch()
-        return iter([(int(i), epoch) for i in self.order(epoch)])
+        dropped = self.dropped_source() if self.dropped_source is not None else {}
+        return iter(
+            [
+                (int(i), epoch, dropped[i]) if i in dropped else (int(i), epoch)
+                for i in self.order(epoch)
+            ]  # fmt: skip
+        )
 
     def __len__(self) -> int:
         return len(self.order(0))

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from typing_extensions import override
 
+from lightning_wsi.data.problems import dropped_prediction
 from lightning_wsi.models.aggregators import AggregatorOutput, build_aggregator
 from lightning_wsi.models.encoders import build_encoder, encoder_feature_dim
 from lightning_wsi.models.optim import WarmupCosine, param_groups
@@ -253,7 +254,9 @@ class SlideModule(L.LightningModule):
         return self.aggregate(self.encode(tiles), coords)
 
     @override
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if _unusable(batch):
+            return self._skipped_step()
         features = self.encode(batch["tiles"])
         output = self.aggregate(features, batch.get("coords"))
         loss = self.slide_loss(output, batch)
@@ -261,16 +264,32 @@ class SlideModule(L.LightningModule):
         return loss
 
     @override
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if _unusable(batch):  # dropped: it counts in no metric (the problem record names it)
+            return None
         return self.evaluate_output(self._evaluate_slide(batch), batch, "val")
 
     @override
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if _unusable(batch):
+            return None
         return self.evaluate_output(self._evaluate_slide(batch), batch, "test")
 
     @override
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        if _unusable(batch):
+            return dropped_prediction(batch)
         return self.predict_output(self._evaluate_slide(batch), batch)
+
+    def _skipped_step(self) -> torch.Tensor | None:
+        """A slide that could not be read trains nothing. One process skips the step (``None``);
+        Lightning refuses ``None`` with several data-parallel processes, whose gradient
+        averaging needs every rank's backward, so there the step is a zero loss over the
+        trainable parameters: this rank adds nothing to the average."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self._trainer is None or self.trainer.world_size == 1 or not trainable:
+            return None
+        return torch.stack([p.sum() * 0.0 for p in trainable]).sum()
 
     @override
     def configure_optimizers(self) -> Any:
@@ -320,6 +339,11 @@ class SlideModule(L.LightningModule):
         if "target" not in batch:
             raise KeyError(f"Slide {batch.get('slide_id')!r} has no `target` in its batch.")
         return torch.as_tensor(batch["target"], device=output.logits.device)
+
+
+def _unusable(batch: Mapping[str, Any]) -> bool:
+    """A slide the loader could not read in this step (dropped, or no tile left)."""
+    return bool(batch.get("slide_problem")) or len(batch["tiles"]) == 0
 
 
 def _adamw_implementation(

@@ -40,6 +40,9 @@ class ShardInfo:
         failed: Ranks that failed before the exchange (their step raised or their loader did).
         needs_grad: Whether any rank's features carry a graph back into an encoder; ``False``
             for a frozen encoder, which then needs no ``dL/df``.
+        bad_tiles: Tiles the loaders left out of the sample, all ranks together.
+        max_bad_tiles: How many the sample tolerates (the loaders' ``max_bad_tiles``).
+        problem_ranks: Ranks whose loader reported the slide itself unusable.
     """
 
     def __init__(
@@ -49,13 +52,24 @@ class ShardInfo:
         dtype: torch.dtype = torch.float32,
         failed: Sequence[int] = (),
         needs_grad: bool = True,
+        bad_tiles: int = 0,
+        max_bad_tiles: int = 0,
+        problem_ranks: Sequence[int] = (),
     ) -> None:
         self.sizes = [int(s) for s in sizes]
+        self.bad_tiles = bad_tiles
+        self.max_bad_tiles = max_bad_tiles
+        self.problem_ranks = list(problem_ranks)
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
         self.width = width
         self.dtype = dtype
         self.failed = list(failed)
         self.needs_grad = needs_grad
+
+    @property
+    def has_problems(self) -> bool:
+        """Whether any rank left tiles out or could not use the slide."""
+        return self.bad_tiles > 0 or bool(self.problem_ranks)
 
     @property
     def total(self) -> int:
@@ -73,6 +87,9 @@ def exchange_shard_info(
     *,
     failed: bool = False,
     needs_grad: bool | None = None,
+    bad_tiles: int = 0,
+    max_bad_tiles: int = 0,
+    slide_problem: bool = False,
     group: dist.ProcessGroup | None = None,
 ) -> ShardInfo:
     """All-gather every rank's shard size and flags on the host, and check the slide is the same.
@@ -89,6 +106,9 @@ def exchange_shard_info(
         failed: This rank failed before the exchange; every rank learns it (``ShardInfo.failed``).
         needs_grad: Whether this rank's encoder wants ``dL/df``; default: whether ``features``
             carry a graph.
+        bad_tiles: Tiles this rank's loader left out of its shard.
+        max_bad_tiles: How many left-out tiles the whole sample tolerates.
+        slide_problem: This rank's loader reported the slide itself unusable.
         group: The host process group.
 
     Raises:
@@ -100,7 +120,10 @@ def exchange_shard_info(
     dtype = _DTYPES.index(features.dtype) if features is not None else -1
     if needs_grad is None:
         needs_grad = features is not None and features.requires_grad
-    mine = torch.tensor([n_local, code, width, dtype, int(failed), int(needs_grad)])
+    mine = torch.tensor(
+        [n_local, code, width, dtype, int(failed), int(needs_grad), bad_tiles, max_bad_tiles,
+         int(slide_problem)]
+    )  # fmt: skip
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
     table = torch.stack(everyone)
@@ -121,6 +144,9 @@ def exchange_shard_info(
         _DTYPES[dtype] if dtype >= 0 else torch.float32,
         failed=failed_ranks,
         needs_grad=bool(table[:, 5].any()),
+        bad_tiles=int(table[:, 6].sum()),
+        max_bad_tiles=int(table[:, 7].max()),
+        problem_ranks=[r for r in range(world) if table[r, 8]],
     )
 
 

@@ -23,7 +23,8 @@ module holds no model code and the module holds no distributed code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator, Mapping
+import warnings
+from collections.abc import Callable, Generator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from typing_extensions import override
 
+from lightning_wsi.data.problems import dropped_prediction, merge_into_batch, slide_problem
 from lightning_wsi.data.sampling import shard_bounds
 from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encode_in_chunks
 from lightning_wsi.strategies.collectives import (
@@ -77,6 +79,7 @@ class _Pending:
     tiles: torch.Tensor | None = None  # chunked: the shard, to encode again
     states: list[RngState] | None = None  # chunked: RNG state before each chunk
     error: BaseException | None = None  # rank 0: its aggregator or loss raised
+    skip: bool = False  # no rank could use the slide: nothing to backpropagate
 
 
 class SlideParallelStrategy(DDPStrategy):
@@ -160,6 +163,7 @@ class SlideParallelStrategy(DDPStrategy):
         self.encode_chunk_size = encode_chunk_size
         self.bucket_cap_mb = bucket_cap_mb
         self._pending: _Pending | None = None
+        self._window_has_grads = False  # a slide of this accumulation window backpropagated
         self._sync_blocked = False
         self._grad_sync: GradientSync | None = None
         self._grad_sync_key: tuple = ()
@@ -215,6 +219,11 @@ class SlideParallelStrategy(DDPStrategy):
         super().setup(trainer)
         module = self.lightning_module
         keep_metrics_local(module)  # every rank computes every slide's metrics itself
+        # Every rank logs the same value (rank 0's output, broadcast): syncing would only
+        # average equal numbers, so Lightning's advice to pass sync_dist=True does not apply.
+        warnings.filterwarnings(
+            "ignore", message=r"It is recommended to use `self\.log\(.*sync_dist"
+        )
         self._batchnorm = BatchNormStats(module)
 
     @override
@@ -270,6 +279,10 @@ class SlideParallelStrategy(DDPStrategy):
             info = self._exchange(features, tiles, batch, error)
             if info.failed:
                 raise_together(self._host_group, error, "training step")
+            if self._slide_verdict(info, batch) is not None:  # every rank skips this slide
+                empty = torch.zeros((0, info.width), dtype=info.dtype, device=self.root_device)
+                self._pending = _Pending(info=info, features=empty, leaf=None, skip=True)
+                return torch.zeros((), dtype=torch.float32, device=self.root_device)
             features, all_features, all_coords = self._gather(info, features, coords)
             loss, leaf = None, None
             if self.global_rank == 0:
@@ -305,6 +318,10 @@ class SlideParallelStrategy(DDPStrategy):
         if pending is None:  # not from this strategy's training_step
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
+        if pending.skip:
+            self._skip_backward(module)
+            return closure_loss
+        self._window_has_grads = True
         info, error = pending.info, pending.error
         self.pre_backward(closure_loss)
         # On every rank, so that hooks run and a gradient scaler is initialised everywhere; only
@@ -343,6 +360,29 @@ class SlideParallelStrategy(DDPStrategy):
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _skip_backward(self, module: nn.Module) -> None:
+        """Backward of a slide no rank could use: it adds nothing. At the end of an accumulation
+        window that other slides contributed to, their local gradients still need combining."""
+        if self._sync_blocked or not self._window_has_grads:
+            return
+        sync = self._gradient_sync(module)
+        sync.launch_rest()
+        _, presence = self._exchange_flags(sync, None)
+        sync.finish(presence)
+
+    @override
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any],
+        model: L.LightningModule | nn.Module | None = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """Step unless every slide of the accumulation window was skipped (then there is no
+        gradient at all, and AdamW would still decay the weights and its moments)."""
+        result = closure()  # training step and backward, on every rank alike
+        stepped, self._window_has_grads = self._window_has_grads, False
+        if not stepped:
+            return result
+        return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
 
     def _encoder_backward(
         self, pending: _Pending, grad: torch.Tensor, sync: GradientSync | None
@@ -450,6 +490,8 @@ class SlideParallelStrategy(DDPStrategy):
             info = self._exchange(features, tiles, batch, error)
             if info.failed:
                 raise_together(self._host_group, error, f"{stage} step")
+            if self._slide_verdict(info, batch) is not None:  # in no metric; predict says why
+                return dropped_prediction(batch) if stage == "predict" else None
             features, all_features, _ = self._gather(info, features, None)
             all_coords = None  # every rank needs them for the per-slide outputs
             if coords is not None:
@@ -504,8 +546,37 @@ class SlideParallelStrategy(DDPStrategy):
             )
         return exchange_shard_info(
             features, n_local, batch.get("slide_id"), failed=error is not None,
-            needs_grad=needs_grad, group=self._host_group,
+            needs_grad=needs_grad, bad_tiles=len(batch.get("tile_problems") or ()),
+            max_bad_tiles=int(batch.get("max_bad_tiles", 0)),
+            slide_problem=bool(batch.get("slide_problem")), group=self._host_group,
         )  # fmt: skip
+
+    def _slide_verdict(self, info: ShardInfo, batch: Mapping[str, Any]) -> str | None:
+        """Why no rank uses this slide in this step, or ``None``: the same answer on every rank.
+
+        Tiles a loader left out are summed over ranks and judged against the whole sample, as
+        one process would judge them. When any rank had a problem, every rank's record is
+        gathered (host group) and written into every rank's ``batch``, so the problem record
+        (``data.problems.ProblemRecorder``) is the same everywhere.
+        """
+        reported = None
+        if info.has_problems and self.world_size > 1:
+            mine = (list(batch.get("tile_problems") or ()), batch.get("slide_problem"))
+            everyone: list[Any] = [None] * self.world_size
+            dist.all_gather_object(everyone, mine, group=self._host_group)
+            reasons = [r for _, r in everyone if r]
+            reported = reasons[0] if reasons else None
+            if isinstance(batch, MutableMapping):
+                merge_into_batch(batch, [p for tiles, _ in everyone for p in tiles], None)
+        elif info.has_problems:
+            reported = batch.get("slide_problem")
+        num_tiles = int(batch.get("num_tiles", info.total + info.bad_tiles))
+        verdict = slide_problem(info.bad_tiles, num_tiles, info.max_bad_tiles, reported)
+        if verdict is None and info.total == 0:
+            verdict = "no tile of the slide could be read"
+        if isinstance(batch, MutableMapping) and verdict is not None:
+            batch["slide_problem"] = verdict
+        return verdict
 
     def _gather(
         self, info: ShardInfo, features: torch.Tensor | None, coords: torch.Tensor | None

@@ -48,6 +48,9 @@ class Scenario:
     n_slides: int = 3
     epochs: int = 2
     manifest: str | None = None  # train through SlideDataModule on these slides instead
+    mpp: float = 3.5  # SlideDataModule's tile mpp and size
+    tile_size: int = 32
+    on_bad_slide: str = "raise"
     num_workers: int = 0  # SlideDataModule's loader workers
     trainer: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = False  # also validate every epoch and predict at the end
@@ -187,7 +190,8 @@ class Record(L.Callback):
         self._calls.clear()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        if not batch.get("slide_problem"):  # a skipped slide has no loss
+            self.losses.append(float(outputs["loss"]))
         if self.scenario.record_steps:
             self.buffers.append({n: b.detach().clone() for n, b in module.named_buffers()})
         if self.scenario.count_collectives:
@@ -271,12 +275,13 @@ def train(
         ckpt_path = str(Path(scenario.checkpoint_dir) / "last.ckpt")
     if scenario.manifest is not None:
         dm = SlideDataModule(
-            scenario.manifest, k=scenario.k, mpp=3.5, tile_size=32, val_fraction=0.0,
-            seed=scenario.seed, num_workers=scenario.num_workers, progress=False,
-            tiling_workers=0,
+            scenario.manifest, k=scenario.k, mpp=scenario.mpp, tile_size=scenario.tile_size,
+            val_fraction=0.0, seed=scenario.seed, num_workers=scenario.num_workers,
+            progress=False, tiling_workers=0, on_bad_slide=scenario.on_bad_slide,
         )  # fmt: skip
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         result = record.result(module)
+        result["problems"] = dm.problems.as_dicts()
     else:
         slides = in_memory_slides(scenario)
         if scenario.drop_tile is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_tile_slides import BROKEN_XY, write_bad_tile_slides
 from harness import Scenario, load, normalised_l1, run_world, updates
 
 from lightning_wsi.data import make_synthetic_dataset
@@ -82,6 +83,18 @@ def _scenarios(manifest: Path) -> list[Scenario]:
         # Real slides through SlideDataModule: K=128 tiles, more than some slides have, so
         # those use all their tiles; each rank reads only its shard.
         Scenario("slides-gma-adamw", k=128, manifest=str(manifest), epochs=2),
+        # A slide with two unreadable JPEG tiles at the training level: every run leaves the
+        # same two tiles out of every step (each rank reads its shard), and a slide whose fine
+        # level is all broken is found at setup (its one probe read fails) and skipped.
+        Scenario(
+            "slides-bad-tiles",
+            k=256,
+            manifest=str(manifest.parent / "bad_tiles.csv"),
+            mpp=0.5,
+            tile_size=64,
+            on_bad_slide="skip",
+            epochs=2,
+        ),  # fmt: skip
     ]
 
 
@@ -89,6 +102,7 @@ def _scenarios(manifest: Path) -> list[Scenario]:
 def runs(tmp_path_factory) -> tuple[Path, list[Scenario]]:
     root = tmp_path_factory.mktemp("equivalence")
     manifest = make_synthetic_dataset(root / "slides", n_slides=4, progress=False)
+    write_bad_tile_slides(manifest.parent)
     scenarios = _scenarios(manifest)
     matrix = _matrix()
     run_world(None, scenarios + [s for _, s in matrix], root / "reference")
@@ -160,3 +174,22 @@ def test_validation_metrics_and_predictions_match_one_process(runs, world: str) 
             assert torch.equal(ours["coords"], theirs["coords"])
             torch.testing.assert_close(ours["probabilities"], theirs["probabilities"])
             torch.testing.assert_close(ours["attention"], theirs["attention"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_unreadable_tiles_cost_the_same_tiles_on_any_number_of_ranks(runs, world: str) -> None:
+    root, _ = runs
+    reference = load(root / "reference", "slides-bad-tiles")["problems"]
+    result = load(root / world, "slides-bad-tiles")["problems"]
+    by_kind = {kind: [p for p in reference if p["kind"] == kind] for kind in
+               ("bad slide", "tile left out", "slide dropped")}  # fmt: skip
+    # Found at setup by its probe read, never trained on.
+    assert [p["slide_id"] for p in by_kind["bad slide"]] == ["broken_level"]
+    assert "at the training resolution" in by_kind["bad slide"][0]["reason"]
+    # The two broken tiles, left out of both epochs' steps; the slide trained on the rest.
+    assert {(p["x"], p["y"]) for p in by_kind["tile left out"]} == BROKEN_XY
+    assert all(p["slide_id"] == "broken_tiles" and p["count"] == 2 for p in
+               by_kind["tile left out"])  # fmt: skip
+    assert all("JPEG" in p["reason"] for p in by_kind["tile left out"])
+    assert by_kind["slide dropped"] == []
+    assert result == reference
