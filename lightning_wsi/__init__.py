@@ -3,6 +3,7 @@
 Importing the package registers ``Trainer(strategy="slide_parallel")`` and its variants.
 """
 
+from lightning_wsi import config  # noqa: F401 - registers the configs' Hydra resolvers
 from lightning_wsi.data import SlideDataModule
 from lightning_wsi.models import SlideModule
 from lightning_wsi.strategies import SlideParallelStrategy

@@ -5,14 +5,20 @@ trains encoder and aggregator together on CPU, evaluates, and prints the final v
 and where the outputs are. Outputs in the Hydra run folder: ``checkpoints/`` (``last.ckpt``,
 ``best.ckpt``), ``metrics.csv``, ``loss.png``, ``roc.png`` (binary tasks, bootstrapped 95% band),
 ``predictions.csv``, ``heatmaps/*.png`` (attention over validation slides) and ``summary.json``
-(what ``python -m lightning_wsi.summarize`` tabulates across a sweep).
+(what ``python -m lightning_wsi.summarize`` tabulates across a sweep), ``problems.csv`` (every
+bad slide, left-out tile and dropped slide) and ``train.log``.
+
+``ckpt_path=/path/to/last.ckpt`` resumes a run (``ckpt_path=last``: this run folder's
+``last.ckpt``, else the newest ``last.ckpt`` of the runs beside it).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,18 +30,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from lightning_wsi.config import swept_dirname  # noqa: F401 - also registers the resolvers
 from lightning_wsi.data import SlideDataModule, make_synthetic_dataset
 from lightning_wsi.data.datamodule import BadSlideError
 from lightning_wsi.data.manifest import ManifestError
+from lightning_wsi.data.problems import Problem
 from lightning_wsi.heatmaps import write_heatmaps
 from lightning_wsi.models import SlideModule
 from lightning_wsi.reports import (
-    auroc_with_ci,
     epoch_series,
+    format_auroc,
     known_lesions,
     plot_loss_curve,
     plot_roc,
@@ -57,6 +65,7 @@ USER_ERRORS = (
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; write the outputs; return the summary."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.data.get("synthetic"):
         syn = cfg.data.synthetic
         manifest = make_synthetic_dataset(syn.root, n_slides=syn.n_slides, seed=syn.seed)
@@ -69,12 +78,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         dirpath=output_dir / "checkpoints", filename="best", monitor="val/loss", mode="min"
     )
     last = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last")
-    logger = CSVLogger(output_dir, name="", version="")
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[best, last], logger=logger, default_root_dir=str(output_dir)
-    )
-    trainer.fit(module, datamodule)
+        cfg.trainer, callbacks=[best, last], logger=_loggers(cfg, output_dir),
+        default_root_dir=str(output_dir),
+    )  # fmt: skip
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
 
+    # The final evaluation is reported below, not logged: a logged `validate` would add an epoch
+    # after the last one to metrics.csv (and to loss.png).
+    trainer.loggers = []
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     datamodule.predict_splits = ["val"]
     predictions = _gather(trainer, trainer.predict(module, datamodule=datamodule))
@@ -82,6 +94,66 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         summary = _report(cfg, output_dir, datamodule, predictions, metrics, trainer)
     return summary
+
+
+def _loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    """The CSV log the reports are made from, plus the ``logger`` group's choice (if not csv).
+
+    The CSV log lives in ``logs/`` because Lightning deletes the previous files of a non-empty
+    log folder (and warns), and the run folder already holds Hydra's ``.hydra/``.
+    """
+    loggers: list[Logger] = [CSVLogger(output_dir, name="logs", version="")]
+    extra = cfg.get("logger")
+    if extra and extra.get("_target_"):
+        if "MLFlowLogger" in extra["_target_"]:
+            # The offline file store (no server, no database) that mlflow 3 keeps behind a flag.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(instantiate(extra))
+    return loggers
+
+
+def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from: a path, or ``last`` (this run's ``last.ckpt``, else the
+    newest ``last.ckpt`` among the runs beside this one).
+
+    Raises:
+        FileNotFoundError: No such checkpoint, with the path looked at and the fix.
+    """
+    if value in (None, ""):
+        return None
+    if str(value) == "last":
+        own = output_dir / "checkpoints" / "last.ckpt"
+        found = (
+            [own]
+            if own.is_file()
+            else sorted(
+                output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+            )
+        )
+        if not found:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or the runs beside it "
+                f"in {output_dir.parent}; give ckpt_path=/path/to/last.ckpt"
+            )
+        print(f"resuming from {found[-1]}")
+        return str(found[-1])
+    if not Path(value).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={value}: no such checkpoint file; give the path of a run's "
+            "checkpoints/last.ckpt, or ckpt_path=last"
+        )
+    return str(value)
+
+
+def _strict_json(value: Any) -> Any:
+    """NaN and infinity as ``null``: strict JSON readers reject Python's ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _gather(trainer: L.Trainer, predictions: list[dict]) -> list[dict]:
@@ -102,8 +174,10 @@ def _report(
     metrics: dict[str, float],
     trainer: L.Trainer,
 ) -> dict[str, Any]:
+    metrics_csv = out / "logs" / "metrics.csv"
+    predicted = [p for p in predictions if p.get("status") != "dropped"]
     write_predictions_csv(out / "predictions.csv", predictions)
-    plot_loss_curve(out / "metrics.csv", out / "loss.png")
+    plot_loss_curve(metrics_csv, out / "loss.png")
     summary: dict[str, Any] = {
         "K": cfg.K,
         "devices": trainer.num_devices * trainer.num_nodes,
@@ -113,40 +187,86 @@ def _report(
         "aggregator": cfg.aggregator.name,
         "seed": cfg.seed,
         "split_seed": cfg.split_seed,
-        "val_slides": len(predictions),
+        "val_slides": len(predicted),
         "outputs": str(out),
         **{k: float(v) for k, v in metrics.items()},
     }
-    train_losses = epoch_series(out / "metrics.csv", "train/loss_epoch")
+    train_losses = epoch_series(metrics_csv, "train/loss_epoch")
     summary["train/loss"] = train_losses[-1][1] if train_losses else math.nan
     lines = []
-    if cfg.task.name == "binary" and predictions:
-        probs = [float(p["probabilities"]) for p in predictions]
-        targets = [int(p["target"]) for p in predictions]
-        auroc, low, high = auroc_with_ci(probs, targets, cfg.bootstrap, cfg.seed)
-        summary.update({"val/auroc": auroc, "val/auroc_low": low, "val/auroc_high": high})
-        plot_roc(probs, targets, out / "roc.png", cfg.bootstrap, cfg.seed)
-        lines.append(f"val/auroc {auroc:.3f} [{low:.3f}, {high:.3f}]  (95% bootstrap CI)")
+    if cfg.task.name == "binary" and predicted:
+        probs = [float(p["probabilities"]) for p in predicted]
+        targets = [int(p["target"]) for p in predicted]
+        ci = plot_roc(probs, targets, out / "roc.png", cfg.bootstrap, cfg.seed)
+        summary.update({"val/auroc": ci.auroc, "val/auroc_low": ci.low,
+                        "val/auroc_high": ci.high, "val/auroc_note": ci.note})  # fmt: skip
+        lines.append(format_auroc(ci))
     lines += [f"{k} {v:.4f}" for k, v in metrics.items() if k != "val/auroc"]
     paths = {e.slide_id: e for e in datamodule.splits["val"]}
     lesions = known_lesions(Path(datamodule.manifest).parent)
-    write_heatmaps(predictions[: cfg.heatmaps], paths, out / "heatmaps", lesions)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n".join(["", "final validation metrics:", *lines, f"outputs: {out}"]))
+    failures: list[tuple[str, str]] = []
+    write_heatmaps(predicted[: cfg.heatmaps], paths, out / "heatmaps", lesions, failures)
+    problems = datamodule.problems
+    for slide_id, reason in failures:
+        path = paths[slide_id].path if slide_id in paths else ""
+        problems.add(Problem("heatmap", slide_id, path, reason, stage="report"))
+    problems.write_csv(out / "problems.csv")
+    summary["problems"] = {"counts": problems.counts(), "records": problems.as_dicts()}
+    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2))
+    print("\n".join(["", "final validation metrics:", *lines,
+                      problems.summary_line(out / "problems.csv"), f"outputs: {out}"]))  # fmt: skip
     return summary
+
+
+class _Tee:
+    """stdout that also goes to the run's ``train.log`` (what the command printed)."""
+
+    def __init__(self, stream: Any, path: Path) -> None:
+        self.stream, self.file = stream, open(path, "a", buffering=1)  # noqa: SIM115
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    # Lightning's messages through the root logger, whose handlers Hydra set (console and
+    # train.log), rather than Lightning's own console handler.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    stdout = sys.stdout
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        sys.stdout = _Tee(stdout, output_dir / f"{hydra_cfg.job.name}.log")
     try:
         run(cfg, output_dir)
     except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
+        if isinstance(sys.stdout, _Tee):  # also in train.log
+            sys.stdout.file.write(f"error: {_one_line(err)}\n")
         raise SystemExit(2) from None
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.flush()
+            sys.stdout.file.close()
+            sys.stdout = stdout
 
 
 def _one_line(err: BaseException) -> str:
+    if isinstance(err, InstantiationException) and isinstance(
+        err.__cause__, FileNotFoundError | ValueError
+    ):  # what went wrong inside the target, without Hydra's wrapping
+        return _one_line(err.__cause__)
     if isinstance(err, MissingMandatoryValue):
         key = err.full_key
         return f"{key} must be set, e.g. `python -m lightning_wsi.train {key}=...`"

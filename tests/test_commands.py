@@ -54,39 +54,57 @@ def trained(workdir: Path) -> Path:
 
 
 def test_train_writes_every_output_and_prints_the_final_metrics(trained: Path) -> None:
-    for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "loss.png",
-                 "roc.png", "predictions.csv", "summary.json", ".hydra/config.yaml"):  # fmt: skip
+    for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "logs/metrics.csv",
+                 "loss.png", "roc.png", "predictions.csv", "problems.csv", "summary.json",
+                 "train.log", ".hydra/config.yaml"):  # fmt: skip
         assert (trained / name).is_file(), name
     assert len(list((trained / "heatmaps").glob("*.png"))) == 2
     with open(trained / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # the validation quarter of 8 slides, one of each class
-    assert {r["target"] for r in rows} == {"0", "1"}
-    log = (trained / "train.log").read_text() if (trained / "train.log").exists() else ""
-    assert "error" not in log.lower()
+    assert {r["target"] for r in rows} == {"0", "1"} and {r["status"] for r in rows} == {"ok"}
+    log = (trained / "train.log").read_text()  # the run's log: Lightning's and ours
+    assert "`Trainer.fit` stopped" in log and "final validation metrics:" in log
+    assert f"outputs: {trained}" in log and "error" not in log.lower()
+    assert (trained / "problems.csv").read_text().startswith("kind,slide_id,path,x,y,")
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["problems"] == {"counts": {}, "records": []}
 
 
 def test_last_checkpoint_is_the_final_state_and_best_the_best_epoch(trained: Path) -> None:
     """last.ckpt is the end of the run (epoch, step, loops), whichever epoch was best."""
-    last = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    best = torch.load(trained / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    # A checkpoint the command wrote loads without unpickling anything but tensors and values.
+    last = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(trained / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1  # trainer.max_epochs=2
     assert last["global_step"] == 2 * 6  # 6 training slides in each epoch
     assert best["epoch"] <= last["epoch"] and best["global_step"] <= last["global_step"]
     assert set(last["optimizer_states"][0]["state"]) and last["loops"]["fit_loop"]
 
 
-def test_train_prints_auroc_with_ci_and_where_outputs_are(workdir: Path, trained: Path) -> None:
+def test_resume_continues_after_the_last_epoch_and_prints_honest_metrics(
+    workdir: Path, trained: Path
+) -> None:
+    """`ckpt_path=` resumes the 2-epoch run from its last.ckpt to 3 epochs in a new folder."""
     done = _run(
         ["-m", "lightning_wsi.train", *TINY, f"data.synthetic.root={workdir / 'slides'}",
-         "data.synthetic.n_slides=8", "trainer.max_epochs=1", f"hydra.run.dir={workdir / 'again'}"],
+         "data.synthetic.n_slides=8", "trainer.max_epochs=3",
+         f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+         f"hydra.run.dir={workdir / 'again'}"],
         workdir,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    last = torch.load(workdir / "again" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 3 * 6  # one more epoch of 6 steps
+    with open(workdir / "again" / "logs" / "metrics.csv") as f:
+        epochs = {int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("train/loss_epoch")}
+    assert epochs == {2}  # only the epoch it trained, none replayed, no phantom epoch
     lines = done.stdout.splitlines()
+    # 2 validation slides: an AUROC, but no bootstrap interval pretending to mean something
     auroc = [line for line in lines if line.startswith("val/auroc ")]
-    assert auroc and "[" in auroc[0] and "]" in auroc[0]
+    assert auroc and "no interval: 2 slides" in auroc[0] and "[" not in auroc[0], auroc
     assert any(line.startswith("val/loss ") for line in lines)
+    assert lines[-2] == "problems: none (no slide or tile was skipped)"
     assert lines[-1] == f"outputs: {workdir / 'again'}"
 
 
@@ -136,6 +154,7 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(0.0 <= float(r["prediction"]) <= 1.0 for r in rows)
+    assert {r["status"] for r in rows} == {"ok"} and (out / "problems.csv").is_file()
     assert len(list((out / "heatmaps").glob("*.png"))) == 1
     # last.ckpt is the model that wrote the run's own predictions.csv.
     with open(trained / "predictions.csv") as f:
@@ -172,6 +191,8 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
         (["-m", "lightning_wsi.predict", "missing.ckpt", "slides.csv"], 2,
          "error: checkpoint not found: missing.ckpt"),
         (["-m", "lightning_wsi.summarize", "nowhere"], 2, "error: no summary.json under nowhere"),
+        (["-m", "lightning_wsi.train", "ckpt_path=nowhere.ckpt"], 2,
+         "error: ckpt_path=nowhere.ckpt: no such checkpoint file"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_clear_line(workdir: Path, args, code, expected) -> None:
@@ -194,6 +215,7 @@ def test_every_config_composes() -> None:
             "strategy": ("single_device", "slide_parallel", "slide_parallel_chunked", "ddp"),
             "trainer": ("cpu", "gpu", "multinode"),
             "task": ("binary", "multiclass", "regression"),
+            "logger": ("csv", "tensorboard", "mlflow"),
         }.items():  # fmt: skip
             for option in options:
                 cfg = compose("train", overrides=[f"{group}={option}"], return_hydra_config=True)
