@@ -34,7 +34,7 @@ from lightning_wsi.data.problems import (
 from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import SlideError
-from lightning_wsi.data.tiling import SlideTiles
+from lightning_wsi.data.tiling import SlideTiles, check_tiling_params
 from lightning_wsi.data.transfer import normalize_tiles
 
 __all__ = ["BadSlideError", "SlideDataModule"]
@@ -92,6 +92,9 @@ class SlideDataModule(LightningDataModule):
         tiling_workers: processes for tiling; ``None`` uses every core.
         pin_memory: pin loaded tiles for faster host-to-GPU copies.
         on_bad_slide: ``"raise"`` or ``"skip"``.
+        allow_upsampling: Read tiles at an ``mpp`` finer than a slide's own (more than 10%
+            finer): the tiles are upsampled, not more detailed. Refused by default, with the
+            slide reported as bad.
         max_bad_tile_fraction: A tile that fails to read (after a retry with the slide reopened)
             is left out of its step; a slide with more than this share of a sample failing, or
             whose file vanishes, is dropped for the rest of the run. Every loss is recorded in
@@ -141,6 +144,7 @@ class SlideDataModule(LightningDataModule):
         pin_memory: bool = False,
         on_bad_slide: Literal["raise", "skip"] = "raise",
         max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
+        allow_upsampling: bool = False,
         progress: bool = True,
         predict_splits: Sequence[str] | None = None,
         require_labels: bool = True,
@@ -158,6 +162,7 @@ class SlideDataModule(LightningDataModule):
             raise ValueError(f"on_bad_slide must be 'raise' or 'skip', got {on_bad_slide!r}")
         if k < 1 or (eval_k is not None and eval_k < 1):
             raise ValueError(f"k and eval_k must be >= 1, got k={k}, eval_k={eval_k}")
+        check_tiling_params(mpp, tile_size, min_tissue_fraction)  # before any slide is read
         self.manifest = Path(manifest)
         self.k, self.eval_k, self.mpp, self.tile_size = k, eval_k, mpp, tile_size
         self.min_tissue_fraction = min_tissue_fraction
@@ -187,6 +192,7 @@ class SlideDataModule(LightningDataModule):
                 f"max_bad_tile_fraction must lie in [0, 1), got {max_bad_tile_fraction}"
             )
         self.max_bad_tile_fraction = max_bad_tile_fraction
+        self.allow_upsampling = allow_upsampling
         unknown = set(predict_splits or ()) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"predict_splits must be train/val/test, got {sorted(unknown)}")
@@ -224,7 +230,8 @@ class SlideDataModule(LightningDataModule):
         """Give the trainer a callback that records what each loaded slide reports (once)."""
         trainer = self.trainer
         if trainer is None or any(
-            isinstance(c, ProblemRecorder) and c.problems is self.problems for c in trainer.callbacks
+            isinstance(c, ProblemRecorder) and c.problems is self.problems
+            for c in trainer.callbacks
         ):
             return
         paths = {e.slide_id: e.path for split in self.splits.values() for e in split}
@@ -242,6 +249,7 @@ class SlideDataModule(LightningDataModule):
                 tile_size=self.tile_size,
                 min_tissue_fraction=self.min_tissue_fraction,
                 cache_dir=self.cache_dir,
+                allow_upsampling=self.allow_upsampling,
             )
             if self.progress and summary.n_cached < len(jobs):
                 print(f"{summary}; coordinates cached in {self.cache_dir}")
@@ -303,7 +311,7 @@ class SlideDataModule(LightningDataModule):
         failed = [
             (record, tiles.cache_error)
             for record, tiles in zip(records, summary.results, strict=True)
-            if getattr(tiles, "cache_error", None)
+            if isinstance(tiles, SlideTiles) and tiles.cache_error
         ]
         for record, error in failed:
             self.problems.add(Problem("cache", record.slide_id, record.path, error, stage="setup"))
@@ -433,6 +441,8 @@ class SlideDataModule(LightningDataModule):
 
 
 def _no_tissue(tiles: SlideTiles, dm: SlideDataModule) -> str:
+    if tiles.note:  # e.g. a grayscale slide, which saturation-based detection cannot see
+        return f"no tissue tile: {tiles.note}"
     return (
         f"no tissue tile (min_tissue_fraction={dm.min_tissue_fraction}, {dm.tile_size} px at "
         f"{dm.mpp} mpp = {tiles.tile_size_level0} level-0 px on a {tiles.dimensions[0]}x"

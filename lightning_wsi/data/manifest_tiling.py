@@ -2,24 +2,44 @@
 
 Run once before training (``SlideDataModule.prepare_data`` does, on one process per node) so the
 coordinate cache is warm when every rank's ``setup`` reads it.
+
+A worker process killed by the operating system (the out-of-memory killer, a crash inside a
+codec) breaks the whole process pool. The slides whose tiling had started in it are retried one
+at a time in a fresh process each: the one that dies again becomes a :class:`SlideError` naming
+it, the others tile; slides that had not started are tiled in a fresh pool. The pool is sized to
+the memory available (``WORKER_MEMORY_BYTES`` per worker), not only to the cores.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from lightning_wsi.data.processes import worker_context
-from lightning_wsi.data.slide import SlideError
+from lightning_wsi.data.slide import SlideError, out_of_memory
 from lightning_wsi.data.tiling import SlideTiles, tile_slide
 
-__all__ = ["SlideJob", "TilingSummary", "tile_many"]
+__all__ = ["WORKER_MEMORY_BYTES", "SlideJob", "TilingSummary", "available_memory", "tile_many"]
+
+# Memory one tiling worker may need at its peak, beyond what it shares with the forkserver it was
+# forked from (the imports: ~0.8 GB resident, as lightning_wsi pulls in torch, shared
+# copy-on-write): one thumbnail band (32 MiB RGBA, a few copies while it is reduced), OpenSlide's
+# tile cache, the thumbnail and tissue-mask arrays (at most 2**24 px, a few bytes each). Measured:
+# 0.23 GB above the imports for a 30,000 x 30,000 single-level TIFF; 1 GiB leaves headroom for
+# the largest masks and other codecs.
+WORKER_MEMORY_BYTES = 1 << 30
+
+Tiler = Callable[..., SlideTiles]
 
 
 @dataclass(frozen=True)
@@ -54,13 +74,27 @@ class TilingSummary:
     def n_cached(self) -> int:
         return sum(isinstance(r, SlideTiles) and r.from_cache for r in self.results)
 
+    @property
+    def cache_errors(self) -> list[str]:
+        """Why cache entries could not be written, one per slide concerned (tiles still valid)."""
+        return [r.cache_error for r in self.results if isinstance(r, SlideTiles) and r.cache_error]
+
     def __str__(self) -> str:
         n = len(self.results)
+        uncached = f", {len(self.cache_errors)} not cached" if self.cache_errors else ""
         return (
-            f"tiled {n} slides in {self.seconds:.1f} s ({self.n_cached} from cache): "
+            f"tiled {n} slides in {self.seconds:.1f} s ({self.n_cached} from cache{uncached}): "
             f"{self.n_tiles} tiles, {self.n_without_tissue} slides without tissue, "
             f"{self.n_failed} unreadable"
         )
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the smaller of the machine's ``MemAvailable``
+    and the cgroup's (container, SLURM job) limit less its usage; ``None`` if unknown."""
+    candidates = [_meminfo_available(), _cgroup_available()]
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None
 
 
 def tile_many(
@@ -68,48 +102,187 @@ def tile_many(
     *,
     num_workers: int | None = None,
     progress: bool = True,
+    tiler: Tiler = tile_slide,
     **tile_kwargs: Any,
 ) -> TilingSummary:
     """Tile ``jobs`` with :func:`~lightning_wsi.data.tiling.tile_slide` in worker processes.
 
     Args:
         jobs: the slides, in the order results are returned.
-        num_workers: processes; ``None`` uses every core, 0 tiles in this process.
+        num_workers: processes; ``None`` uses every core. Either way at most one per
+            ``WORKER_MEMORY_BYTES`` of available memory; 0 or 1 tiles in this process.
         progress: show a progress bar.
+        tiler: the function called per slide as ``tiler(path, slide_mpp=..., slide_id=...,
+            **tile_kwargs)``; a module-level function (it is pickled to the workers).
         **tile_kwargs: ``mpp``, ``tile_size``, ``cache_dir``, ... for ``tile_slide``.
 
     Returns:
         A :class:`TilingSummary` whose ``results`` hold a :class:`SlideTiles` or the
-        :class:`SlideError` of each job: one bad slide never stops the others.
+        :class:`SlideError` of each job: one bad slide (even one whose worker is killed) never
+        stops the others.
     """
     start = time.perf_counter()
-    if num_workers is None:
-        num_workers = min(len(jobs), os.cpu_count() or 1)
+    workers = _pool_size(num_workers, len(jobs), available_memory())
     bar = tqdm(total=len(jobs), desc="tiling slides", unit="slide", disable=not progress)
-    if num_workers <= 1 or len(jobs) <= 1:
-        results = []
-        for job in jobs:
-            results.append(_tile_job(job, tile_kwargs))
+    results: list[SlideTiles | SlideError | None] = [None] * len(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = _tile_job(job, tiler, tile_kwargs)
             bar.update()
     else:
-        # A forkserver preloading the tiling code (plain fork only for a script without a main
-        # guard): forking a process with threads can deadlock the child (processes.py).
-        context = worker_context(["lightning_wsi.data.tiling"])
-        with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-            futures = [pool.submit(_tile_job, job, tile_kwargs) for job in jobs]
-            for future in futures:
-                future.add_done_callback(lambda _: bar.update())
-            results = [future.result() for future in futures]
+        _tile_in_pools(jobs, results, workers, tiler, tile_kwargs, bar)
     bar.close()
-    return TilingSummary(results=results, seconds=time.perf_counter() - start)
+    done = [r for r in results if r is not None]
+    return TilingSummary(results=done, seconds=time.perf_counter() - start)
 
 
-def _tile_job(job: SlideJob, tile_kwargs: dict[str, Any]) -> SlideTiles | SlideError:
+def _tile_in_pools(
+    jobs: Sequence[SlideJob],
+    results: list[SlideTiles | SlideError | None],
+    workers: int,
+    tiler: Tiler,
+    tile_kwargs: dict[str, Any],
+    bar: tqdm,
+) -> None:
+    """Fill ``results`` using pools of ``workers`` processes, surviving killed workers.
+
+    Each round runs the pending jobs in a fresh pool. If the pool breaks, the jobs that had
+    started (their marker file survives the kill) run alone, one fresh process each; the ones
+    that had not started go to the next round. Every round finishes at least one job.
+    """
+    # A forkserver preloading the tiling code (plain fork only for a script without a main
+    # guard): forking a process with threads can deadlock the child (processes.py).
+    context = worker_context(["lightning_wsi.data.tiling"])
+    markers = Path(tempfile.mkdtemp(prefix="lightning-wsi-tiling-"))
     try:
-        return tile_slide(job.path, slide_mpp=job.slide_mpp, slide_id=job.slide_id, **tile_kwargs)
+        pending = list(range(len(jobs)))
+        while pending:
+            pool = _Pool(workers, context, markers, tiler, tile_kwargs)
+            broken = pool.run(jobs, pending, results, bar)
+            started = {i for i in broken if (markers / str(i)).exists()} or set(broken)
+            for i in sorted(started):
+                results[i] = _run_alone(jobs[i], context, tiler, tile_kwargs)
+                (markers / str(i)).unlink(missing_ok=True)
+                bar.update()
+            pending = [i for i in broken if i not in started]
+    finally:
+        shutil.rmtree(markers, ignore_errors=True)
+
+
+@dataclass
+class _Pool:
+    """How one round's process pool runs jobs: its size, start context and job function."""
+
+    workers: int
+    context: Any
+    markers: Path
+    tiler: Tiler
+    tile_kwargs: dict[str, Any]
+
+    def run(
+        self,
+        jobs: Sequence[SlideJob],
+        pending: list[int],
+        results: list[SlideTiles | SlideError | None],
+        bar: tqdm,
+    ) -> list[int]:
+        """Run ``pending`` jobs in a fresh pool; fill their results; return those it lost."""
+        broken = []
+        with ProcessPoolExecutor(min(self.workers, len(pending)), mp_context=self.context) as pool:
+            futures = {}
+            for i in pending:
+                marker = str(self.markers / str(i))
+                futures[i] = pool.submit(_tile_job, jobs[i], self.tiler, self.tile_kwargs, marker)
+                futures[i].add_done_callback(_count_success(bar))
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    broken.append(i)
+        return broken
+
+
+def _count_success(bar: tqdm) -> Callable[[Future], None]:
+    """A done-callback that moves the bar for a finished job (not for one a broken pool lost,
+    which is counted when it is retried)."""
+
+    def update(future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            bar.update()
+
+    return update
+
+
+def _run_alone(
+    job: SlideJob, context: Any, tiler: Tiler, tile_kwargs: dict[str, Any]
+) -> SlideTiles | SlideError:
+    """Tile one slide in a fresh process of its own; its death is this slide's error."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(_tile_job, job, tiler, tile_kwargs).result()
+    except BrokenProcessPool:
+        return SlideError(
+            f"slide {job.slide_id!r}: the tiling worker process died while tiling {job.path} "
+            "(killed by the operating system, most often the out-of-memory killer, or a crash "
+            "in a codec); free memory or use fewer tiling workers, or check the file"
+        )
+
+
+def _tile_job(
+    job: SlideJob, tiler: Tiler, tile_kwargs: dict[str, Any], marker: str | None = None
+) -> SlideTiles | SlideError:
+    """Tile one job, its failure returned as a :class:`SlideError`. ``marker`` is a file that
+    exists while the job runs, so a job whose process is killed can be told apart."""
+    if marker is not None:
+        Path(marker).touch()
+    try:
+        return tiler(job.path, slide_mpp=job.slide_mpp, slide_id=job.slide_id, **tile_kwargs)
     except SlideError as err:
         return err
+    except MemoryError:
+        return SlideError(out_of_memory(job.slide_id, job.path, "tiling it"))
     except Exception as err:  # a corrupt pyramid can fail deep inside OpenSlide or PIL
         return SlideError(
             f"slide {job.slide_id!r}: tiling {job.path} failed ({type(err).__name__}: {err})"
         )
+    finally:
+        if marker is not None:
+            Path(marker).unlink(missing_ok=True)
+
+
+def _pool_size(requested: int | None, n_jobs: int, memory: int | None) -> int:
+    """Worker processes: as requested (default: every core), at most one per job and one per
+    ``WORKER_MEMORY_BYTES`` of ``memory`` (unknown: no cap), at least 1; 0 means "in this
+    process"."""
+    if requested is not None and requested <= 0:
+        return 0
+    wanted = requested if requested is not None else (os.cpu_count() or 1)
+    by_memory = wanted if memory is None else max(1, memory // WORKER_MEMORY_BYTES)
+    return max(1, min(wanted, n_jobs, by_memory))
+
+
+def _meminfo_available() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (Linux), else free physical pages; ``None``."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_available() -> int | None:
+    """A cgroup v2 memory limit less current usage (containers, SLURM), or ``None``."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        return max(0, int(limit) - usage)
+    except (OSError, ValueError):
+        return None

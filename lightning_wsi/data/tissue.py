@@ -18,10 +18,25 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["tissue_mask"]
+__all__ = ["GRAYSCALE_NOTE", "is_grayscale", "tissue_mask"]
 
 _CROSS = ndi.generate_binary_structure(2, 1)
 _SQUARE = ndi.generate_binary_structure(2, 2)
+
+# A pixel has colour when its channels differ by more than _GREY_SPREAD (JPEG leaves grey within
+# 1); an image has none when at most _COLOURED_FRACTION of its pixels do (a few coloured specks,
+# a label or ruler, do not make a grey scan a colour one). It shows something when at least
+# _CONTENT_FRACTION of its pixels are darker than _CONTENT_VALUE (glass is ~240): blank glass is
+# no evidence of a grayscale slide, only of an empty one.
+_GREY_SPREAD = 3
+_COLOURED_FRACTION = 1e-3
+_CONTENT_VALUE = 220
+_CONTENT_FRACTION = 0.01
+GRAYSCALE_NOTE = (
+    "the slide is grayscale (no colour anywhere in its thumbnail: a single-channel image, or "
+    "red = green = blue everywhere), and tissue detection thresholds colour saturation, so it "
+    "needs a colour (RGB) brightfield slide such as H&E or IHC"
+)
 
 
 def tissue_mask(
@@ -144,6 +159,34 @@ def tissue_mask(
         fill[edge] = False
         mask |= fill[labels]
     return mask
+
+
+def is_grayscale(thumbnail: np.ndarray) -> bool:
+    """Whether an RGB(A) thumbnail shows something but has no colour: why saturation-based
+    detection finds no tissue on it.
+
+    True when at most 0.1% of the pixels have channels more than 3 levels apart (JPEG keeps grey
+    within 1) and at least 1% are darker than 220 (content, not just glass). Fluorescence
+    channels, grayscale scans and single-channel TIFFs (which OpenSlide returns with
+    R = G = B) are grayscale; H&E and IHC slides are not, and neither is blank glass.
+
+    Example:
+        >>> import numpy as np
+        >>> grey = np.full((64, 64, 3), 240, np.uint8)
+        >>> grey[16:48, 16:48] = 120  # grey "tissue" on grey glass
+        >>> pink = grey.copy(); pink[16:48, 16:48] = (236, 200, 220)
+        >>> is_grayscale(grey), is_grayscale(pink), is_grayscale(np.full((8, 8, 3), 240, np.uint8))
+        (True, False, False)
+    """
+    rgb = np.asarray(thumbnail)[..., :3]
+    if rgb.size == 0:
+        return False
+    cmax, cmin = rgb.max(axis=-1), rgb.min(axis=-1)
+    coloured = np.count_nonzero(cmax.astype(np.int16) - cmin > _GREY_SPREAD)
+    content = np.count_nonzero(cmax < _CONTENT_VALUE)
+    return bool(
+        coloured <= _COLOURED_FRACTION * cmax.size and content >= _CONTENT_FRACTION * cmax.size
+    )
 
 
 def _validated_rgb(thumbnail: np.ndarray, mpp: float) -> np.ndarray:

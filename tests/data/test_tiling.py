@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from lightning_wsi.data.cache import CACHE_FORMAT, cache_file
+from lightning_wsi.data.cache import CACHE_FORMAT
 from lightning_wsi.data.manifest_tiling import SlideJob, tile_many
 from lightning_wsi.data.slide import SlideError
-from lightning_wsi.data.tiling import tile_slide
+from lightning_wsi.data.tiling import check_tiling_params, tile_slide
 
 # Two tissue pieces of 3x3 and 2x4 cells (big enough to be tissue, not specks), one cell apart.
 BLOCKS = [(c, r) for c in range(1, 4) for r in range(1, 4)] + [
@@ -64,7 +64,7 @@ def test_cache_reuse_and_invalidation(grid_slide, tmp_path):
     path = grid_slide(BLOCKS, 10, 7, 224, mpp=0.5)
     first = tile_slide(path, cache_dir=cache, slide_id="A")
     assert not first.from_cache
-    entry_file = cache_file(cache, path, "A")
+    entry_file = next(cache.glob("A-*.json"))
     entry = json.loads(entry_file.read_text())
     assert entry["format"] == CACHE_FORMAT
     assert entry["slide"]["path"] == str(path.resolve())
@@ -91,7 +91,7 @@ def test_corrupt_cache_entry_is_retiled(grid_slide, tmp_path):
     cache = tmp_path / "cache"
     path = grid_slide(BLOCKS, 10, 7, 224, mpp=0.5)
     tiles = tile_slide(path, cache_dir=cache, slide_id="A")
-    cache_file(cache, path, "A").write_text("{not json")
+    next(cache.glob("A-*.json")).write_text("{not json")
     again = tile_slide(path, cache_dir=cache, slide_id="A")
     assert not again.from_cache
     np.testing.assert_array_equal(again.coords, tiles.coords)
@@ -110,3 +110,37 @@ def test_tile_many_in_parallel_keeps_order_and_names_failures(grid_slide, tmp_pa
     assert "tiled 4 slides" in str(summary) and "1 unreadable" in str(summary)
     again = tile_many(jobs, num_workers=0, progress=False, cache_dir=tmp_path / "c")
     assert again.n_cached == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mpp": 1e-9}, r"^`mpp` \(target µm per pixel of the tiles\) 1e-09 is finer than 0.05"),
+        ({"mpp": 0}, r"^`mpp` .* 0 is zero; use a value in \[0.05, 20.0\]: 0.5 is 20x"),
+        ({"mpp": -0.5}, r"^`mpp` .* -0.5 is negative"),
+        ({"mpp": float("nan")}, r"^`mpp` .* nan is NaN"),
+        ({"mpp": float("inf")}, r"^`mpp` .* inf is infinite"),
+        ({"mpp": 352.8}, r"^`mpp` .* 352.8 is coarser than 20.0"),
+        ({"mpp": "0.5"}, r"^`mpp` .* '0.5' is not a number \(str\)"),
+        ({"tile_size": 1}, r"^`tile_size` 1 px is outside \[16, 4096\]; 224 is usual$"),
+        ({"tile_size": 8192}, r"^`tile_size` 8192 px is outside \[16, 4096\]"),
+        ({"tile_size": 224.5}, r"^`tile_size` must be a whole number of pixels, got 224.5$"),
+        ({"tile_size": True}, r"^`tile_size` must be a whole number of pixels, got True$"),
+        ({"min_tissue_fraction": 1.5}, r"^min_tissue_fraction must lie in \[0, 1\], got 1.5"),
+        ({"min_tissue_fraction": float("nan")}, r"^min_tissue_fraction must lie in \[0, 1\]"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_implausible_tiling_params_are_refused_up_front(tmp_path, kwargs, message):
+    params = {"mpp": 0.5, "tile_size": 224, "min_tissue_fraction": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        check_tiling_params(**params)
+    # tile_slide checks them before it opens anything: no slide is needed to see the error.
+    with pytest.raises(ValueError, match=message):
+        tile_slide(tmp_path / "never-opened.svs", **params)
+
+
+def test_plausible_tiling_params_pass():
+    for mpp, size in [(0.05, 16), (20.0, 4096), (0.5, 224), (2, 56), (0.25, 224.0)]:
+        check_tiling_params(mpp, size, 0.0)
+        check_tiling_params(np.float32(mpp), np.int64(size), np.float32(1.0))

@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage import data as skimage_data
 from skimage.filters import threshold_otsu
 
-from lightning_wsi.data.tissue import tissue_mask
+from lightning_wsi.data.tissue import is_grayscale, tissue_mask
 
 GLASS = np.array([241.0, 240.0, 243.0])  # slightly blue-tinted glass, as scanners give
 
@@ -311,3 +311,22 @@ def test_median_step_equals_thresholded_median_blur() -> None:
 def test_invalid_input_is_rejected(thumbnail: np.ndarray, mpp: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tissue_mask(thumbnail, mpp)
+
+
+# --- grayscale slides ---------------------------------------------------------------------------
+
+
+def test_is_grayscale_on_real_and_drawn_images() -> None:
+    stained, _, _ = _micrograph_thumbnail(factor=4, wash=0.5)
+    grey = stained.mean(axis=2, keepdims=True).round().astype(np.uint8).repeat(3, axis=2)
+    assert not is_grayscale(stained)  # pale IHC on glass has colour
+    assert is_grayscale(grey)  # the same micrograph without it
+    rng = np.random.default_rng(0)
+    jpeg_like = np.clip(grey.astype(int) + rng.integers(-1, 2, grey.shape), 0, 255)
+    assert is_grayscale(jpeg_like.astype(np.uint8))  # +-1 per channel is still grey
+    specks = grey.copy()
+    specks[:2, :20] = (200, 110, 160)  # 40 coloured pixels of 1024^2: a label, not a stain
+    assert is_grayscale(specks)
+    glass = _to_uint8(_glass((256, 256), seed=1))
+    assert not is_grayscale(glass)  # blank glass shows nothing: empty, not grayscale
+    assert not is_grayscale(np.zeros((0, 0, 3), np.uint8))
