@@ -222,7 +222,9 @@ def test_every_config_composes() -> None:
                 assert cfg.hydra.runtime.choices[group] == option
 
 
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> None:
+    # As clusters and many shells export it: forked ranks must not deadlock in OpenMP.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     client = NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}}

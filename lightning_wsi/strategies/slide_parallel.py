@@ -60,6 +60,11 @@ from lightning_wsi.strategies.failures import (
     raise_together,
 )
 from lightning_wsi.strategies.grad_sync import GradientSync, layout_key
+from lightning_wsi.strategies.lifecycle import (
+    join_process_group,
+    launcher_for,
+    leave_process_group,
+)
 from lightning_wsi.strategies.module_state import BatchNormStats, keep_metrics_local
 from lightning_wsi.strategies.randomness import rank_stream, stream_seed
 
@@ -170,6 +175,7 @@ class SlideParallelStrategy(DDPStrategy):
         self._host_group: dist.ProcessGroup | None = None
         self._batchnorm: BatchNormStats | None = None
         self._seed = 0
+        self._owns_process_group = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -206,7 +212,13 @@ class SlideParallelStrategy(DDPStrategy):
         super().connect(model)
 
     @override
+    def _configure_launcher(self) -> None:
+        self._launcher = launcher_for(self)  # fork-safe with OMP_NUM_THREADS set (lifecycle.py)
+
+    @override
     def setup_distributed(self) -> None:
+        # Joined on a store kept across runs; destroyed again in teardown (lifecycle.py).
+        self._owns_process_group = join_process_group(self)
         super().setup_distributed()
         # Host values (shard sizes, flags, which parameters got gradients) travel on a gloo
         # group: NCCL would need device tensors and a read-back that stalls the host.
@@ -444,7 +456,12 @@ class SlideParallelStrategy(DDPStrategy):
         if self._grad_sync is not None:
             self._grad_sync.remove()
             self._grad_sync, self._grad_sync_key = None, ()
-        super().teardown()
+        try:
+            super().teardown()
+        finally:
+            # No process group outlives the run: a later Trainer would wait on it forever.
+            leave_process_group(self, self._owns_process_group, self._host_group)
+            self._owns_process_group, self._host_group = False, None
 
     # ------------------------------------------------------------------ evaluation
 
