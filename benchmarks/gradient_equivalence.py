@@ -77,7 +77,7 @@ def run(manifest: Path, out: Path, devices: int | None, chunk: int | None, steps
         enable_progress_bar=False, enable_model_summary=False, callbacks=[Track(out)], **options,
     )  # fmt: skip
     trainer.fit(module, dm)
-    return torch.load(out / "rank0.pt")
+    return torch.load(out / "rank0.pt", weights_only=True)
 
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> float:

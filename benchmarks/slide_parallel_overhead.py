@@ -87,7 +87,7 @@ def trainer_seconds(
         **options,
     )  # fmt: skip
     trainer.fit(module, DataLoader(slides(steps + 2, k, size), batch_size=None))
-    return statistics.median(torch.load(out)[2:])
+    return statistics.median(torch.load(out, weights_only=True)[2:])
 
 
 def main() -> None:
