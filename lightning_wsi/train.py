@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,8 @@ class _Tee:
         self.stream, self.file = stream, open(path, "a", buffering=1)  # noqa: SIM115
 
     def write(self, text: str) -> int:
-        self.file.write(text)
+        if "\r" not in text and "\x1b[" not in text:  # progress bars redraw: not a log
+            self.file.write(text)
         return self.stream.write(text)
 
     def flush(self) -> None:
@@ -245,6 +247,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # Messages no user of this command can act on: Lightning's own use of a deprecated torch
+    # API, and an advertisement.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
     stdout = sys.stdout
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         sys.stdout = _Tee(stdout, output_dir / f"{hydra_cfg.job.name}.log")
