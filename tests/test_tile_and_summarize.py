@@ -104,7 +104,8 @@ def test_tile_of_a_manifest_without_rows_asks_nothing_and_exits_0(tmp_path, caps
          "manifest {path} is a directory; give the CSV file in it, e.g. {path}/manifest.csv"),
         (b"slide_id,file\na,a.svs\n",
          "manifest {path} lacks column(s) ['path']; it has ['slide_id', 'file']. "
-         "Required: ['slide_id', 'path'], optional: ['split', 'mpp']"),  # tiling needs no label
+         "Required: ['slide_id', 'path'], optional: "  # tiling needs no label
+         "['split', 'mpp', 'patient_id', 'time', 'event', 'coords']"),
         ("slide_id,path,label\nb,é.svs,1\n".encode("latin-1"),
          "manifest {path} is not UTF-8 text (byte 0xe9 on line 2); save it as CSV UTF-8 "
          "(in Excel: Save As > CSV UTF-8)"),

@@ -20,6 +20,7 @@ from lightning_wsi.data.manifest import (
     BadSlide,
     ManifestError,
     SlideRecord,
+    parse_survival,
     parse_target,
     read_manifest,
     stratified_split,
@@ -125,7 +126,7 @@ class SlideDataModule(LightningDataModule):
         *,
         eval_k: int | None = None,
         min_tissue_fraction: float = 0.5,
-        task: Literal["binary", "multiclass", "regression"] = "binary",
+        task: Literal["binary", "multiclass", "regression", "ordinal", "survival"] = "binary",
         num_classes: int | None = None,
         classes: Sequence[str] | None = None,
         split_seed: int = 0,
@@ -239,7 +240,12 @@ class SlideDataModule(LightningDataModule):
 
     def _tile_manifest(self) -> tuple[list[SlideRecord], list[BadSlide], TilingSummary]:
         if self._tiling is None:
-            records, bad = read_manifest(self.manifest, require_labels=self.require_labels)
+            survival = self.task == "survival"
+            records, bad = read_manifest(
+                self.manifest,
+                require_labels=self.require_labels and not survival,
+                required=("time", "event") if survival and self.require_labels else (),
+            )
             jobs = [SlideJob(r.slide_id, r.path, r.mpp or self.slide_mpp) for r in records]
             summary = tile_many(
                 jobs,
@@ -263,8 +269,7 @@ class SlideDataModule(LightningDataModule):
         for record, tiles in zip(records, summary.results, strict=True):
             try:
                 target = None
-                if record.label or self.require_labels:
-                    target = parse_target(record.label, self.task, self.classes, self.num_classes)
+                target = self._target(record)
             except ValueError as err:
                 if self.require_labels:
                     bad.append(BadSlide(record.slide_id, record.path, str(err)))
@@ -287,7 +292,26 @@ class SlideDataModule(LightningDataModule):
             for name in ("train", "val", "test")
         }
 
+    def _target(self, record: SlideRecord) -> int | float | tuple[float, float] | None:
+        """The slide's target: a class or value from ``label``, or ``(time, event)`` for survival;
+        ``None`` for an unlabeled slide when labels are not required."""
+        if self.task == "survival":
+            if not (record.time or record.event) and not self.require_labels:
+                return None
+            return parse_survival(record.time, record.event)
+        if record.label or self.require_labels:
+            return parse_target(record.label, self.task, self.classes, self.num_classes)
+        return None
+
+    def training_targets(self) -> list[Any]:
+        """The targets of the training split (e.g. a survival task's time bins come from them)."""
+        if not self.splits:
+            self.splits = self._load()
+        return [entry.target for entry in self.splits["train"]]
+
     def _assign_splits(self, good: list[tuple[SlideRecord, SlideEntry]]) -> list[str]:
+        """Each slide's split. With a ``patient_id`` column, a patient's slides are one unit:
+        never in two splits (a given split that does so is an error naming the patient)."""
         given = [record.split for record, _ in good]
         if not self.require_labels:  # nothing is fitted: keep given splits, the rest in train
             return [split or "train" for split in given]
@@ -298,13 +322,37 @@ class SlideDataModule(LightningDataModule):
                     f"manifest {self.manifest}: rows {missing} have no split while others do; "
                     "give every row a split (train/val/test) or drop the column"
                 )
+            self._check_patients_in_one_split(good)
             return given
-        return stratified_split(
-            [entry.target for _, entry in good],
+        groups: dict[str, list[int]] = {}
+        for i, (record, _) in enumerate(good):
+            groups.setdefault(record.patient_id or f"\0slide:{record.slide_id}", []).append(i)
+        members = list(groups.values())
+        split_of_group = stratified_split(
+            [_stratum(good[m[0]][1].target) for m in members],
             seed=self.split_seed,
             val_fraction=self.val_fraction,
             test_fraction=self.test_fraction,
         )
+        splits = [""] * len(good)
+        for group, split in zip(members, split_of_group, strict=True):
+            for i in group:
+                splits[i] = split
+        return splits
+
+    def _check_patients_in_one_split(self, good: list[tuple[SlideRecord, SlideEntry]]) -> None:
+        seen: dict[str, SlideRecord] = {}
+        for record, _ in good:
+            if record.patient_id is None:
+                continue
+            first = seen.setdefault(record.patient_id, record)
+            if first.split != record.split:
+                raise ManifestError(
+                    f"manifest {self.manifest}: patient {record.patient_id!r} has slide "
+                    f"{first.slide_id!r} in {first.split!r} and slide {record.slide_id!r} in "
+                    f"{record.split!r}; give all of a patient's slides one split, or drop the "
+                    "split column to split by patient"
+                )
 
     def _report_uncached(self, records: list[SlideRecord], summary: TilingSummary) -> None:
         """A cache that cannot be written costs speed, not slides: one warning for the run."""
@@ -438,6 +486,11 @@ class SlideDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every usable slide of the splits in ``predict_splits`` (default: all of them)."""
         return self._loader(None, train=False)
+
+
+def _stratum(target: Any) -> int | float:
+    """What a split stratifies on: the class, the value, or a survival target's event."""
+    return int(target[1]) if isinstance(target, tuple) else target
 
 
 def _no_tissue(tiles: SlideTiles, dm: SlideDataModule) -> str:

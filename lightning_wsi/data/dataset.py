@@ -35,7 +35,7 @@ class SlideEntry:
 
     slide_id: str
     path: str
-    target: int | float | None  # None: an unlabeled slide (prediction only)
+    target: int | float | tuple[float, float] | None  # None: unlabeled (prediction only)
     tiles: SlideTiles
 
 
@@ -133,9 +133,11 @@ class SlideDataset(Dataset):
         item: dict[str, Any] = {}
         if factors is not None:
             item["color_jitter"] = torch.from_numpy(np.ascontiguousarray(factors[kept]))
-        if entry.target is not None:
-            target_dtype = torch.float32 if isinstance(entry.target, float) else torch.int64
-            item["target"] = torch.tensor(entry.target, dtype=target_dtype)
+        if entry.target is not None:  # a class, a value, or (time, event) for survival
+            integer = isinstance(entry.target, int) and not isinstance(entry.target, bool)
+            item["target"] = torch.tensor(
+                entry.target, dtype=torch.int64 if integer else torch.float32
+            )
         item.update(
             tiles=torch.from_numpy(pixels).permute(0, 3, 1, 2),
             coords=torch.from_numpy(entry.tiles.coords[shard].copy()),

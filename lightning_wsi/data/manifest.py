@@ -23,6 +23,7 @@ __all__ = [
     "SlideRecord",
     "TASKS",
     "SPLITS",
+    "parse_survival",
     "parse_target",
     "read_manifest",
     "stratified_split",
@@ -30,7 +31,8 @@ __all__ = [
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
 SPLITS = ("train", "val", "test")
-TASKS = ("binary", "multiclass", "regression")
+TASKS = ("binary", "multiclass", "regression", "ordinal", "survival")
+OPTIONAL_COLUMNS = ("split", "mpp", "patient_id", "time", "event", "coords")
 
 
 class ManifestError(ValueError):
@@ -48,6 +50,10 @@ class SlideRecord:
     split: str | None = None
     mpp: float | None = None
     row: int = 0
+    patient_id: str | None = None  # several slides of one patient never straddle two splits
+    time: str = ""  # survival: follow-up time (any unit, > 0)
+    event: str = ""  # survival: 1 = event observed, 0 = censored
+    coords: str | None = None  # the slide's own tiling (CLAM/TRIDENT .h5 or x,y CSV), resolved
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,11 @@ class BadSlide:
 
 
 def read_manifest(
-    manifest: str | os.PathLike, require_labels: bool = True
+    manifest: str | os.PathLike, require_labels: bool = True, required: Sequence[str] = ()
 ) -> tuple[list[SlideRecord], list[BadSlide]]:
     """Read a manifest CSV (``require_labels=False``: the ``label`` column may be absent or
-    empty, as for slides to predict).
+    empty, as for slides to predict; ``required``: further columns that must be present, e.g.
+    ``("time", "event")`` for survival).
 
     The file is UTF-8 text, with or without the byte-order mark Excel writes, and with LF or
     CRLF line ends.
@@ -81,7 +88,7 @@ def read_manifest(
             required column is absent, or ids repeat.
     """
     manifest = Path(manifest)
-    required = REQUIRED_COLUMNS if require_labels else ("slide_id", "path")
+    required = (*(REQUIRED_COLUMNS if require_labels else ("slide_id", "path")), *required)
     records: list[SlideRecord] = []
     bad: list[BadSlide] = []
     seen_ids: dict[str, int] = {}
@@ -121,7 +128,8 @@ def _read_rows(manifest: Path, required: Sequence[str]) -> list[tuple[int, dict[
         if missing:
             raise ManifestError(
                 f"manifest {manifest} lacks column(s) {missing}; it has {reprlib.repr(columns)}. "
-                f"Required: {list(required)}, optional: ['split', 'mpp']"
+                f"Required: {list(required)}, optional: "
+                f"{[c for c in OPTIONAL_COLUMNS if c not in required]}"
             )
         return [
             (reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k})
@@ -186,7 +194,15 @@ def _parse_row(manifest: Path, row: dict[str, str], number: int) -> tuple[SlideR
             reason = f"mpp {row['mpp']!r} is not a positive number"
     if split is not None and split not in SPLITS:
         reason = f"split {split!r} is not one of {list(SPLITS)}"
-    record = SlideRecord(row["slide_id"], path, row.get("label", ""), split, mpp, number)
+    coords = None
+    if row.get("coords"):
+        coords_path = Path(row["coords"]).expanduser()
+        coords = str(coords_path if coords_path.is_absolute() else manifest.parent / coords_path)
+    record = SlideRecord(
+        row["slide_id"], path, row.get("label", ""), split, mpp, number,
+        patient_id=row.get("patient_id") or None, time=row.get("time", ""),
+        event=row.get("event", ""), coords=coords,
+    )  # fmt: skip
     return record, reason
 
 
@@ -203,6 +219,24 @@ def _file_key(path: str) -> tuple:
     if stat.st_ino == 0:
         return ("path", os.path.realpath(path))
     return ("inode", stat.st_dev, stat.st_ino)
+
+
+def parse_survival(time: str, event: str) -> tuple[float, float]:
+    """``(time, event)`` of a survival row, or ``ValueError`` naming the column and the fix.
+
+    ``time`` is a positive finite number in any unit; ``event`` is 1 (observed) or 0 (censored).
+    """
+    try:
+        value = float(time)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        why = "is missing" if not time else f"{time!r} is not a positive number"
+        raise ValueError(f"survival time {why}: give the follow-up time (> 0) in column `time`")
+    if event not in ("0", "1", "0.0", "1.0"):
+        why = "is missing" if not event else f"{event!r} is not 0 or 1"
+        raise ValueError(f"survival event {why}: column `event` is 1 (observed) or 0 (censored)")
+    return value, float(event)
 
 
 def parse_target(

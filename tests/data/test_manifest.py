@@ -129,7 +129,7 @@ def test_a_huge_header_is_shown_shortened(tmp_path):
     path = _write(tmp_path, ",".join(f"column{i}" for i in range(10_000)) + "\n")
     with pytest.raises(ManifestError, match=r"has \['column0', 'column1', .*\.\.\.\]") as caught:
         read_manifest(path)
-    assert len(str(caught.value)) < 300
+    assert len(str(caught.value).replace(str(path), "")) < 250  # not 10,000 names
 
 
 def test_line_numbers_count_blank_lines_and_mpp_must_be_finite(tmp_path):
