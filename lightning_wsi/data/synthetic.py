@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import multiprocessing as mp
 import os
 import tempfile
@@ -40,7 +41,8 @@ _TILE_UM = 112.0  # a 224 px tile at 0.5 µm/px; lesion sizes and tissue amounts
 # Macenko et al.'s reference H&E stain vectors (optical density per unit concentration).
 _H_OD = np.array([0.5626, 0.7201, 0.4062])
 _E_OD = np.array([0.2159, 0.8012, 0.5581])
-_FORMAT_VERSION = 1  # bump when the drawing changes, so cached datasets are regenerated
+_FORMAT_VERSION = 2  # bump when the output changes, so cached datasets are regenerated
+# (2: survival columns time, event in the manifest)
 # Marks a lesions.json as ours: readers ignore any other lesions.json beside a manifest.
 LESIONS_FORMAT = "lightning-wsi/synthetic-lesions-v1"
 
@@ -470,6 +472,32 @@ def _upgrade_lesions(root: Path) -> None:
         return
 
 
+# Survival: months to the event follow an exponential law whose hazard grows with the lesion
+# burden (the number of lesions drawn); follow-up ends at a uniform censoring time.
+_BASE_HAZARD = 1 / 40  # per month, a slide without lesions: median survival about 28 months
+_HAZARD_PER_LESION = 0.6  # log hazard ratio per lesion
+_MAX_FOLLOW_UP = 60.0  # months
+
+
+def synthetic_survival(seed: int, index: int, n_lesions: int) -> tuple[float, int]:
+    """``(time, event)`` of synthetic slide ``index``: time depends on its lesion burden, and
+    censoring at a random follow-up time. Deterministic in ``(seed, index, n_lesions)``."""
+    rng = np.random.default_rng([seed, index, 17])
+    hazard = _BASE_HAZARD * math.exp(_HAZARD_PER_LESION * n_lesions)
+    event_time = rng.exponential(1 / hazard)
+    follow_up = rng.uniform(0.2 * _MAX_FOLLOW_UP, _MAX_FOLLOW_UP)
+    return round(float(min(event_time, follow_up)), 2), int(event_time <= follow_up)
+
+
+def _manifest_text(tasks: list[dict], lesions: dict[str, list], seed: int) -> str:
+    """``slide_id,path,label,time,event`` rows: the columns every built-in task reads."""
+    rows = []
+    for i, t in enumerate(tasks):
+        time, event = synthetic_survival(seed, i, len(lesions.get(t["slide_id"], ())))
+        rows.append(f"{t['slide_id']},{t['rel']},{t['label']},{time},{event}\n")
+    return "slide_id,path,label,time,event\n" + "".join(rows)
+
+
 def make_synthetic_dataset(
     root: str | os.PathLike,
     n_slides: int = 40,
@@ -484,9 +512,11 @@ def make_synthetic_dataset(
 ) -> Path:
     """Write a synthetic slide dataset and its manifest; reuse it when already there.
 
-    Writes ``root/slides/syn_XXX.{tiff,svs}``, ``root/manifest.csv`` (``slide_id,path,label``
-    with paths relative to ``root``), ``root/lesions.json`` (``{"format": LESIONS_FORMAT,
-    "lesions": {slide_id: [[x, y, w, h], ...]}}``, level-0 pixels, positives only) and
+    Writes ``root/slides/syn_XXX.{tiff,svs}``, ``root/manifest.csv`` (``slide_id,path,label,
+    time,event`` with paths relative to ``root``; ``time`` and ``event`` a survival target
+    whose hazard grows with the slide's lesions, see :func:`synthetic_survival`),
+    ``root/lesions.json`` (``{"format": LESIONS_FORMAT, "lesions": {slide_id: [[x, y, w, h],
+    ...]}}``, level-0 pixels, positives only) and
     ``root/synthetic.json`` (the parameters, written last: a dataset whose parameters match and
     whose files all exist is returned as is, its ``lesions.json`` rewritten with the format
     marker if it was written before the marker existed).
@@ -583,7 +613,6 @@ def make_synthetic_dataset(
         t["slide_id"]: [list(b) for b in results[t["slide_id"]]] for t in tasks if t["label"]
     }
     _write_lesions(root, lesions)
-    rows = "".join(f"{t['slide_id']},{t['rel']},{t['label']}\n" for t in tasks)
-    _write_atomic(manifest, "slide_id,path,label\n" + rows)
+    _write_atomic(manifest, _manifest_text(tasks, lesions, seed))
     _write_atomic(params_path, json.dumps(params, indent=1))
     return manifest

@@ -15,6 +15,7 @@ from lightning_wsi.data.synthetic import (
     LESIONS_FORMAT,
     make_synthetic_dataset,
     make_synthetic_slide,
+    synthetic_survival,
     write_pyramidal_tiff,
 )
 
@@ -208,7 +209,7 @@ def test_dataset_manifest_lesions_and_idempotence(tmp_path):
     assert manifest == tmp_path / "manifest.csv"
     with manifest.open() as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["slide_id", "path", "label"]
+        assert reader.fieldnames == ["slide_id", "path", "label", "time", "event"]
         rows = list(reader)
     assert len(rows) == 6 and len({r["slide_id"] for r in rows}) == 6
     assert sorted(int(r["label"]) for r in rows) == [0, 0, 0, 1, 1, 1]
@@ -236,6 +237,11 @@ def test_dataset_manifest_lesions_and_idempotence(tmp_path):
             assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
         if r["label"] == "1":
             assert lesions[r["slide_id"]]
+        # survival: the time and event drawn from the slide's lesion burden
+        index = int(r["slide_id"].split("_")[1])
+        n_lesions = len(lesions.get(r["slide_id"], []))
+        assert (float(r["time"]), int(r["event"])) == synthetic_survival(1, index, n_lesions)
+        assert float(r["time"]) > 0
 
     before, text = _mtimes(tmp_path), manifest.read_text()
     assert make_synthetic_dataset(tmp_path, 6, **kwargs) == manifest
@@ -257,3 +263,11 @@ def test_dataset_regenerates_when_a_slide_is_missing(tmp_path):
     (tmp_path / "slides" / "syn_001.tiff").unlink()
     assert make_synthetic_dataset(tmp_path, 2, **kwargs) == manifest
     assert (tmp_path / "slides" / "syn_001.tiff").exists()
+
+
+def test_survival_time_shortens_with_lesion_burden_and_some_are_censored():
+    draws = {n: [synthetic_survival(0, i, n) for i in range(300)] for n in (0, 2, 4)}
+    medians = [float(np.median([t for t, _ in draws[n]])) for n in (0, 2, 4)]
+    assert medians[0] > 1.5 * medians[1] > 1.5 * medians[2] > 0
+    events = [float(np.mean([e for _, e in draws[n]])) for n in (0, 2, 4)]
+    assert 0.3 < events[0] < 0.9 and events[0] < events[2]  # censoring at random follow-up
