@@ -317,6 +317,9 @@ def plot_loss_curve(metrics_csv: Path, path: Path) -> dict[str, list[tuple[int, 
     return series
 
 
+_PREDICTION_KEYS = ("probabilities", "prediction", "risk")  # what each task predicts
+
+
 def write_predictions_csv(path: Path, predictions: Sequence[Mapping[str, Any]]) -> None:
     """One row per slide: id, status, target, prediction (probabilities or value), tiles used,
     and why there is no prediction.
@@ -328,7 +331,7 @@ def write_predictions_csv(path: Path, predictions: Sequence[Mapping[str, Any]]) 
         writer = csv.writer(f)
         writer.writerow(["slide_id", "status", "target", "prediction", "n_tiles", "reason"])
         for p in predictions:
-            value = p.get("probabilities", p.get("prediction"))
+            value = next((p[k] for k in _PREDICTION_KEYS if p.get(k) is not None), None)
             value = value.tolist() if isinstance(value, torch.Tensor) else value
             target = p.get("target")
             target = target.tolist() if isinstance(target, torch.Tensor) else target

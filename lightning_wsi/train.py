@@ -42,6 +42,8 @@ from lightning_wsi.data.manifest import ManifestError
 from lightning_wsi.data.problems import Problem
 from lightning_wsi.heatmaps import write_heatmaps
 from lightning_wsi.models import SlideModule
+from lightning_wsi.models.tasks import median_grade
+from lightning_wsi.ordinal_reports import format_kappa, kappa_ci
 from lightning_wsi.reports import (
     epoch_series,
     format_auroc,
@@ -50,6 +52,7 @@ from lightning_wsi.reports import (
     plot_roc,
     write_predictions_csv,
 )
+from lightning_wsi.survival_reports import cindex_ci, format_cindex, plot_km_by_risk
 
 __all__ = ["main", "run"]
 
@@ -146,6 +149,22 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
     return str(value)
 
 
+def _survival_report(
+    predicted: list[dict], out: Path, cfg: DictConfig, summary: dict[str, Any]
+) -> str:
+    """C-index with its bootstrap CI (or why none) and ``km.png``: Kaplan-Meier curves of the
+    validation slides split at the median predicted risk, with the log-rank p-value."""
+    risks = [float(p["risk"]) for p in predicted]
+    times = [float(p["target"][0]) for p in predicted]
+    events = [float(p["target"][1]) for p in predicted]
+    ids = [str(p["slide_id"]) for p in predicted]
+    ci = cindex_ci(risks, times, events, cfg.bootstrap, cfg.seed, slide_ids=ids)
+    summary.update({"val/cindex": ci.cindex, "val/cindex_low": ci.low,
+                    "val/cindex_high": ci.high, "val/cindex_note": ci.note})  # fmt: skip
+    plot_km_by_risk(risks, times, events, out / "km.png", slide_ids=ids)
+    return format_cindex(ci)
+
+
 def _strict_json(value: Any) -> Any:
     """NaN and infinity as ``null``: strict JSON readers reject Python's ``NaN``."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -202,7 +221,17 @@ def _report(
         summary.update({"val/auroc": ci.auroc, "val/auroc_low": ci.low,
                         "val/auroc_high": ci.high, "val/auroc_note": ci.note})  # fmt: skip
         lines.append(format_auroc(ci))
-    lines += [f"{k} {v:.4f}" for k, v in metrics.items() if k != "val/auroc"]
+    if cfg.task.name == "ordinal" and predicted:
+        grades = [int(median_grade(p["probabilities"])) for p in predicted]
+        truth = [int(p["target"]) for p in predicted]
+        kappa = kappa_ci(grades, truth, cfg.task.num_classes, cfg.bootstrap, cfg.seed)
+        summary.update({"val/qwk": kappa.kappa, "val/qwk_low": kappa.low,
+                        "val/qwk_high": kappa.high, "val/qwk_note": kappa.note})  # fmt: skip
+        lines.append(format_kappa(kappa))
+    if cfg.task.name == "survival" and predicted:
+        lines.append(_survival_report(predicted, out, cfg, summary))
+    shown = ("val/auroc", "val/cindex", "val/qwk")
+    lines += [f"{k} {v:.4f}" for k, v in metrics.items() if k not in shown]
     paths = {e.slide_id: e for e in datamodule.splits["val"]}
     lesions = known_lesions(Path(datamodule.manifest).parent)
     failures: list[tuple[str, str]] = []

@@ -244,6 +244,9 @@ class SlideModule(L.LightningModule):
         }
         if batch.get("target") is not None:
             result["target"] = torch.as_tensor(batch["target"]).cpu()
+        curve = getattr(self.task, "survival_curve", None)
+        if callable(curve):  # survival: the probability of surviving each time bin
+            result["survival"] = curve(output.logits.detach()).float().cpu()
         return result
 
     # ----------------------------------------------------------------- Lightning hooks
@@ -319,6 +322,33 @@ class SlideModule(L.LightningModule):
         if hparams is not None:
             hparams["checkpoint_path"] = None
             hparams["pretrained"] = False
+        state = getattr(self.task, "state", None)
+        if callable(state):  # e.g. a survival task's time bins, fitted on the training split
+            checkpoint["task_state"] = state()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load = getattr(self.task, "load_state", None)
+        if "task_state" in checkpoint and callable(load):
+            load(checkpoint["task_state"])
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Fit what the task learns from the training split's targets (a survival task's time
+        bins) before the first step, unless it already has them (given or from a checkpoint)."""
+        fit_bins = getattr(self.task, "fit_bins", None)
+        if stage != "fit" or not callable(fit_bins) or self.task.bin_edges is not None:
+            return
+        datamodule = getattr(self._trainer, "datamodule", None)
+        targets = getattr(datamodule, "training_targets", None)
+        if not callable(targets):
+            raise ValueError(
+                "The survival task needs time bins from the training split: call "
+                "module.task.fit_bins(train_times, train_events) before fit, or train with a "
+                "SlideDataModule, which gives them."
+            )
+        pairs = [t for t in targets() if t is not None]
+        fit_bins([t[0] for t in pairs], [t[1] for t in pairs])
 
     @override
     def train(self, mode: bool = True) -> SlideModule:

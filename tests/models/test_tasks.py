@@ -100,8 +100,14 @@ def test_predictions() -> None:
 def test_build_task_validates_its_input() -> None:
     assert build_task("binary").num_outputs == 1
     assert build_task("multiclass", num_classes=5).num_outputs == 5
-    with pytest.raises(ValueError, match=r"\['binary', 'multiclass', 'regression'\].*'survival'"):
-        build_task("survival")
+    assert build_task("survival").num_outputs == 4  # time bins
+    assert build_task("ordinal", num_classes=6).num_outputs == 5  # cumulative logits
+    with pytest.raises(
+        ValueError, match=r"\['binary', 'multiclass', 'ordinal', 'regression', 'survival'\].*'cox'"
+    ):
+        build_task("cox")
+    with pytest.raises(ValueError, match=r"Task 'ordinal' needs `num_classes`"):
+        build_task("ordinal")
     with pytest.raises(ValueError, match="num_classes"):
         build_task("multiclass")
     with pytest.raises(ValueError, match="larger than 1, but got 1"):
