@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_wsi.data.augment import TileAugment
-from lightning_wsi.data.dataset import SlideDataset, SlideEntry
+from lightning_wsi.data.dataset import BagEntry, SlideDataset, SlideEntry
 from lightning_wsi.data.loader import DeferredDataLoader
 from lightning_wsi.data.manifest import (
     BadSlide,
@@ -93,6 +93,13 @@ class SlideDataModule(LightningDataModule):
         tiling_workers: processes for tiling; ``None`` uses every core.
         pin_memory: pin loaded tiles for faster host-to-GPU copies.
         on_bad_slide: ``"raise"`` or ``"skip"``.
+        bag: ``"slide"`` (an item is a slide) or ``"patient"`` (an item is a patient's slides:
+            K tiles sampled over the union of their tissue tiles, sharded across ranks like one
+            slide's; needs a ``patient_id`` column, and a patient's slides must agree on the
+            label). Splits are made by patient whenever ``patient_id`` is present.
+        allow_patch_size_mismatch: For slides whose manifest ``coords`` file (a CLAM or
+            TRIDENT ``.h5``) names another level-0 tile size than the run's: read the run's
+            tile size at the file's corners instead of refusing the slide.
         allow_upsampling: Read tiles at an ``mpp`` finer than a slide's own (more than 10%
             finer): the tiles are upsampled, not more detailed. Refused by default, with the
             slide reported as bad.
@@ -146,6 +153,8 @@ class SlideDataModule(LightningDataModule):
         on_bad_slide: Literal["raise", "skip"] = "raise",
         max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
         allow_upsampling: bool = False,
+        bag: Literal["slide", "patient"] = "slide",
+        allow_patch_size_mismatch: bool = False,
         progress: bool = True,
         predict_splits: Sequence[str] | None = None,
         require_labels: bool = True,
@@ -194,6 +203,10 @@ class SlideDataModule(LightningDataModule):
             )
         self.max_bad_tile_fraction = max_bad_tile_fraction
         self.allow_upsampling = allow_upsampling
+        if bag not in ("slide", "patient"):
+            raise ValueError(f"bag must be 'slide' or 'patient', got {bag!r}")
+        self.bag = bag
+        self.allow_patch_size_mismatch = allow_patch_size_mismatch
         unknown = set(predict_splits or ()) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"predict_splits must be train/val/test, got {sorted(unknown)}")
@@ -235,7 +248,12 @@ class SlideDataModule(LightningDataModule):
             for c in trainer.callbacks
         ):
             return
-        paths = {e.slide_id: e.path for split in self.splits.values() for e in split}
+        paths = {
+            m.slide_id: m.path
+            for split in self.splits.values()
+            for e in split
+            for m in getattr(e, "members", (e,))
+        }
         trainer.callbacks.append(ProblemRecorder(self.problems, paths))
 
     def _tile_manifest(self) -> tuple[list[SlideRecord], list[BadSlide], TilingSummary]:
@@ -246,7 +264,9 @@ class SlideDataModule(LightningDataModule):
                 require_labels=self.require_labels and not survival,
                 required=("time", "event") if survival and self.require_labels else (),
             )
-            jobs = [SlideJob(r.slide_id, r.path, r.mpp or self.slide_mpp) for r in records]
+            jobs = [
+                SlideJob(r.slide_id, r.path, r.mpp or self.slide_mpp, r.coords) for r in records
+            ]
             summary = tile_many(
                 jobs,
                 num_workers=self.tiling_workers,
@@ -256,6 +276,7 @@ class SlideDataModule(LightningDataModule):
                 min_tissue_fraction=self.min_tissue_fraction,
                 cache_dir=self.cache_dir,
                 allow_upsampling=self.allow_upsampling,
+                allow_patch_size_mismatch=self.allow_patch_size_mismatch,
             )
             if self.progress and summary.n_cached < len(jobs):
                 print(f"{summary}; coordinates cached in {self.cache_dir}")
@@ -287,10 +308,36 @@ class SlideDataModule(LightningDataModule):
         self._report_uncached(records, summary)
         self._report_bad(bad, n_rows=len(records) + len(bad_rows))
         splits = self._assign_splits(good)
-        return {
-            name: [e for (_, e), s in zip(good, splits, strict=True) if s == name]
+        by_split = {
+            name: [pair for pair, s in zip(good, splits, strict=True) if s == name]
             for name in ("train", "val", "test")
         }
+        if self.bag == "patient":
+            return {name: self._bags(pairs) for name, pairs in by_split.items()}
+        return {name: [e for _, e in pairs] for name, pairs in by_split.items()}
+
+    def _bags(self, pairs: list[tuple[SlideRecord, SlideEntry]]) -> list[BagEntry]:
+        """One item per patient, in order of first appearance (splits keep patients whole)."""
+        patients: dict[str, list[tuple[SlideRecord, SlideEntry]]] = {}
+        for record, entry in pairs:
+            if record.patient_id is None:
+                raise ManifestError(
+                    f"manifest {self.manifest}: bag='patient' needs a patient_id for every row; "
+                    f"slide {record.slide_id!r} (line {record.row}) has none"
+                )
+            patients.setdefault(record.patient_id, []).append((record, entry))
+        bags = []
+        for patient, members in patients.items():
+            targets = {entry.target for _, entry in members}
+            if len(targets) > 1:
+                listed = ", ".join(f"{e.slide_id}: {e.target}" for _, e in members)
+                raise ManifestError(
+                    f"manifest {self.manifest}: the slides of patient {patient!r} disagree on "
+                    f"the label ({listed}); a patient bag has one label: fix the rows or use "
+                    "bag='slide'"
+                )
+            bags.append(BagEntry(patient, members[0][1].target, tuple(e for _, e in members)))
+        return bags
 
     def _target(self, record: SlideRecord) -> int | float | tuple[float, float] | None:
         """The slide's target: a class or value from ``label``, or ``(time, event)`` for survival;

@@ -23,7 +23,7 @@ from lightning_wsi.data.sampling import (
 from lightning_wsi.data.slide import Slide, SlideError
 from lightning_wsi.data.tiling import SlideTiles
 
-__all__ = ["SlideEntry", "SlideDataset"]
+__all__ = ["BagEntry", "SlideEntry", "SlideDataset"]
 
 # Open OpenSlide handles kept per process: enough for a worker's slides, few file descriptors.
 _MAX_OPEN_SLIDES = 16
@@ -37,6 +37,47 @@ class SlideEntry:
     path: str
     target: int | float | tuple[float, float] | None  # None: unlabeled (prediction only)
     tiles: SlideTiles
+
+
+@dataclass(frozen=True)
+class BagEntry:
+    """A patient's slides as one item: K tiles are sampled over the union of their tissue
+    tiles (so each slide weighs by its tile count) and sharded like one slide's tiles.
+
+    Attributes:
+        slide_id: The patient's id (items and predictions are named by it).
+        target: The patient's target (every slide's).
+        members: The slides, in manifest order; tile ``t`` of the bag is tile ``t - start`` of
+            the member whose tiles start at ``start``.
+    """
+
+    slide_id: str
+    target: int | float | tuple[float, float] | None
+    members: tuple[SlideEntry, ...]
+
+    @property
+    def path(self) -> str:
+        return "; ".join(m.path for m in self.members)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum([0] + [len(m.tiles) for m in self.members])[:-1]
+
+
+def _members(entry: SlideEntry | BagEntry) -> tuple[SlideEntry, ...]:
+    return entry.members if isinstance(entry, BagEntry) else (entry,)
+
+
+def _n_tiles(entry: SlideEntry | BagEntry) -> int:
+    return sum(len(m.tiles) for m in _members(entry))
+
+
+def _locate(entry: SlideEntry | BagEntry, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For bag tile positions: the member of each and the position in that member's tiles."""
+    if not isinstance(entry, BagEntry):
+        return np.zeros(len(positions), dtype=np.int64), positions
+    member = np.searchsorted(entry.starts, positions, side="right") - 1
+    return member.astype(np.int64), positions - entry.starts[member]
 
 
 class SlideDataset(Dataset):
@@ -100,7 +141,7 @@ class SlideDataset(Dataset):
     def sample_indices(self, index: int, epoch: int) -> np.ndarray:
         """The whole sample of slide ``index`` (all shards), as positions in its tile list."""
         entry = self.slides[index]
-        n_tiles = len(entry.tiles)
+        n_tiles = _n_tiles(entry)
         if self.k is None:
             return eval_tile_indices(n_tiles, self.eval_k)
         return sample_tile_indices(
@@ -130,6 +171,10 @@ class SlideDataset(Dataset):
         if problem is not None:  # nothing of this slide is used in this step
             pixels, kept = self._empty(entry), []
         shard = shard[kept]
+        member, local = _locate(entry, shard)
+        coords = np.stack(
+            [_members(entry)[m].tiles.coords[t] for m, t in zip(member, local, strict=True)]
+        ) if len(shard) else np.zeros((0, 2), dtype=np.int64)  # fmt: skip
         item: dict[str, Any] = {}
         if factors is not None:
             item["color_jitter"] = torch.from_numpy(np.ascontiguousarray(factors[kept]))
@@ -140,7 +185,7 @@ class SlideDataset(Dataset):
             )
         item.update(
             tiles=torch.from_numpy(pixels).permute(0, 3, 1, 2),
-            coords=torch.from_numpy(entry.tiles.coords[shard].copy()),
+            coords=torch.from_numpy(coords.astype(np.int64)),
             slide_id=entry.slide_id,
             tile_index=torch.from_numpy(shard.copy()),
             num_tiles=len(sample),
@@ -148,14 +193,17 @@ class SlideDataset(Dataset):
             max_bad_tiles=tolerated,
             slide_problem=problem,
         )
+        if isinstance(entry, BagEntry):  # which slide each tile is from (heatmaps per slide)
+            item["slide_index"] = torch.from_numpy(member)
+            item["slide_ids"] = [m.slide_id for m in entry.members]
         return item
 
-    def _empty(self, entry: SlideEntry) -> np.ndarray:
-        size = entry.tiles.tile_size
+    def _empty(self, entry: SlideEntry | BagEntry) -> np.ndarray:
+        size = _members(entry)[0].tiles.tile_size
         return np.empty((0, size, size, 3), dtype=np.uint8)
 
     def _read(
-        self, entry: SlideEntry, shard: np.ndarray, symmetries: Sequence[int]
+        self, entry: SlideEntry | BagEntry, shard: np.ndarray, symmetries: Sequence[int]
     ) -> tuple[np.ndarray, list[int], list[dict[str, Any]], str | None]:
         """Read this shard's tiles at the target mpp, each under its symmetry.
 
@@ -164,18 +212,23 @@ class SlideDataset(Dataset):
             ``{"x", "y", "error"}`` of tiles left out, and a reason when the slide itself is
             gone (then nothing else is read).
         """
-        size = entry.tiles.tile_size
-        coords = entry.tiles.coords[shard]
-        out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
+        members = _members(entry)
+        size = members[0].tiles.tile_size
+        out = np.empty((len(shard), size, size, 3), dtype=np.uint8)
         kept: list[int] = []
         problems: list[dict[str, Any]] = []
-        for i, (x, y) in enumerate(coords):
+        for i, (m, t) in enumerate(zip(*_locate(entry, shard), strict=True)):
+            slide = members[m]
+            x, y = (int(v) for v in slide.tiles.coords[t])
             try:
-                tile = self._read_tile(entry, int(x), int(y))
+                tile = self._read_tile(slide, x, y)
             except SlideError as err:  # the file vanished or cannot be opened again
                 return out[:0], [], problems, str(err)
             except Exception as err:  # noqa: BLE001 - twice unreadable: this tile is left out
-                problems.append({"x": int(x), "y": int(y), "error": _reason(err)})
+                problem = {"x": x, "y": y, "error": _reason(err)}
+                if isinstance(entry, BagEntry):
+                    problem["slide_id"] = slide.slide_id
+                problems.append(problem)
                 continue
             out[len(kept)] = TileAugment.geometry(tile, symmetries[i])
             kept.append(i)

@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lightning_wsi.data.external_tiling import read_external_tiling
 from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.slide import SlideError, out_of_memory
 from lightning_wsi.data.tiling import SlideTiles, tile_slide
@@ -49,6 +50,7 @@ class SlideJob:
     slide_id: str
     path: str
     slide_mpp: float | None = None
+    coords: str | None = None  # the slide's own tiling (CLAM/TRIDENT .h5, x,y CSV): no detection
 
 
 @dataclass
@@ -235,8 +237,17 @@ def _tile_job(
     exists while the job runs, so a job whose process is killed can be told apart."""
     if marker is not None:
         Path(marker).touch()
+    kwargs = dict(tile_kwargs)
+    mismatch = kwargs.pop("allow_patch_size_mismatch", False)
     try:
-        return tiler(job.path, slide_mpp=job.slide_mpp, slide_id=job.slide_id, **tile_kwargs)
+        if job.coords is not None:
+            return read_external_tiling(
+                job.coords, job.path, kwargs["mpp"], kwargs["tile_size"],
+                slide_mpp=job.slide_mpp, slide_id=job.slide_id,
+                allow_patch_size_mismatch=mismatch,
+                allow_upsampling=kwargs.get("allow_upsampling", False),
+            )  # fmt: skip
+        return tiler(job.path, slide_mpp=job.slide_mpp, slide_id=job.slide_id, **kwargs)
     except SlideError as err:
         return err
     except MemoryError:

@@ -198,19 +198,21 @@ def _batch_problems(
         return []
     slide_id = str(batch.get("slide_id"))
     path = paths.get(slide_id, "")
-    found = [
-        Problem(
-            "tile left out",
-            slide_id,
-            path,
-            str(p.get("error")),
-            int(p["x"]),
-            int(p["y"]),
-            stage,
-            epoch,
-        )  # fmt: skip
-        for p in batch.get("tile_problems") or ()
-    ]
+    found = []
+    for p in batch.get("tile_problems") or ():
+        tile_slide = str(p.get("slide_id", slide_id))  # a patient bag names the slide
+        found.append(
+            Problem(
+                "tile left out",
+                tile_slide,
+                paths.get(tile_slide, path),
+                str(p.get("error")),
+                int(p["x"]),
+                int(p["y"]),
+                stage,
+                epoch,
+            )  # fmt: skip
+        )
     if batch.get("slide_problem"):
         found.append(
             Problem(

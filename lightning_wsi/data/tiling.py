@@ -191,12 +191,12 @@ def tile_slide(
     check_tiling_params(mpp, tile_size, min_tissue_fraction)
     slide_id = slide_id or Path(path).name
     with Slide(path, mpp=slide_mpp, slide_id=slide_id) as slide:  # checks the override too
-        _check_upsampling(slide, mpp, allow_upsampling)
+        check_upsampling(slide, mpp, allow_upsampling)
         params = _params(mpp, tile_size, min_tissue_fraction, slide_mpp, tissue_options)
         try:
             tiles, target = _cached_or_tiled(slide, params, cache_dir, tissue_options or {})
             if probe:
-                _probe(slide, tiles)
+                probe_tiles(slide, tiles)
         except MemoryError as err:
             raise SlideError(out_of_memory(slide_id, path, "tiling it")) from err
     return _save(tiles, *target) if target is not None else tiles
@@ -273,7 +273,7 @@ def _save(
     return tiles
 
 
-def _check_upsampling(slide: Slide, mpp: float, allow: bool) -> None:
+def check_upsampling(slide: Slide, mpp: float, allow: bool) -> None:
     """Refuse a target mpp more than ``UPSAMPLING_TOLERANCE`` finer than the slide's."""
     ratio = slide.mpp / mpp
     if ratio > 1 + UPSAMPLING_TOLERANCE and not allow:
@@ -281,11 +281,11 @@ def _check_upsampling(slide: Slide, mpp: float, allow: bool) -> None:
             f"slide {slide.slide_id!r}: the target mpp {mpp:g} is finer than the slide's "
             f"{slide.mpp:g} µm/px, so tiles would be upsampled {ratio:.2f}x (interpolated, no "
             f"real detail); use an mpp of at least {slide.mpp:g}, check the slide's mpp, or pass "
-            "allow_upsampling=True to tile_slide to upsample on purpose"
+            "allow_upsampling=True (SlideDataModule, tile_slide) to upsample on purpose"
         )
 
 
-def _probe(slide: Slide, tiles: SlideTiles) -> None:
+def probe_tiles(slide: Slide, tiles: SlideTiles) -> None:
     """Read the middle tile as training will, so corrupt fine pyramid levels fail now."""
     if not len(tiles):
         return

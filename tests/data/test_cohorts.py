@@ -82,6 +82,50 @@ def test_survival_columns_give_time_event_targets_and_bad_rows_say_why(slides, t
 
 
 def test_a_survival_manifest_without_time_and_event_columns_is_one_line(slides, tmp_path) -> None:
-    dm = SlideDataModule(_write(tmp_path, slides), task="survival", **SMALL)
+    rows = [{k: r[k] for k in ("slide_id", "path", "label")} for r in slides]
+    dm = SlideDataModule(_write(tmp_path, rows), task="survival", **SMALL)
     with pytest.raises(ManifestError, match=r"lacks column\(s\) \['time', 'event'\]"):
         dm.setup("fit")
+
+
+def test_a_patient_bag_samples_over_the_union_of_its_slides(slides, tmp_path) -> None:
+    pairs = [r for r in slides if r["label"] == "0"][:2] + [r for r in slides if r["label"] == "1"][
+        :2
+    ]
+    rows = [{**r, "patient_id": f"patient_{r['label']}"} for r in pairs]
+    dm = SlideDataModule(_write(tmp_path, rows), bag="patient", val_fraction=0, **{
+        **SMALL, "k": 64})  # fmt: skip
+    dm.setup("fit")
+    bags = dm.splits["train"]
+    assert sorted(b.slide_id for b in bags) == ["patient_0", "patient_1"]
+    bag = bags[0]
+    item = next(iter(dm.train_dataloader()))
+    bag = next(b for b in bags if b.slide_id == item["slide_id"])
+    assert item["slide_ids"] == [m.slide_id for m in bag.members] and len(bag.members) == 2
+    assert len(item["tiles"]) == 64 and set(item["slide_index"].tolist()) == {0, 1}
+    # every tile's coordinates are those of the member slide it came from
+    for t, m, xy in zip(item["tile_index"], item["slide_index"], item["coords"], strict=True):
+        start = 0 if m == 0 else len(bag.members[0].tiles)
+        assert xy.tolist() == bag.members[m].tiles.coords[int(t) - start].tolist()
+
+
+def test_a_patient_whose_slides_disagree_is_one_line(slides, tmp_path) -> None:
+    rows = [{**r, "patient_id": "p"} for r in slides[:6]]  # both labels among them
+    dm = SlideDataModule(_write(tmp_path, rows), bag="patient", val_fraction=0, **SMALL)
+    with pytest.raises(ManifestError, match=r"the slides of patient 'p' disagree on the label"):
+        dm.setup("fit")
+
+
+def test_a_coords_column_tiles_exactly_the_files_places(slides, tmp_path) -> None:
+    from lightning_wsi.data.external_tiling import write_clam_h5
+    from lightning_wsi.data.tiling import tile_slide
+
+    own = tile_slide(slides[0]["path"], mpp=2.0, tile_size=56)
+    chosen = own.__class__(**{**own.__dict__, "coords": own.coords[::3]})
+    (tmp_path / "patches").mkdir()
+    h5 = write_clam_h5(tmp_path / "patches" / "slide0.h5", chosen, slides[0]["path"])
+    rows = [{**r, "coords": str(h5) if i == 0 else ""} for i, r in enumerate(slides[:4])]
+    dm = SlideDataModule(_write(tmp_path, rows), val_fraction=0, **SMALL)
+    dm.setup("fit")
+    entry = next(e for e in dm.splits["train"] if e.slide_id == slides[0]["slide_id"])
+    assert entry.tiles.coords.tolist() == own.coords[::3].tolist()

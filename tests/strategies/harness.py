@@ -51,6 +51,7 @@ class Scenario:
     mpp: float = 3.5  # SlideDataModule's tile mpp and size
     tile_size: int = 32
     on_bad_slide: str = "raise"
+    bag: str = "slide"  # "patient": items are patients' slides (the manifest has patient_id)
     num_workers: int = 0  # SlideDataModule's loader workers
     trainer: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = False  # also validate every epoch and predict at the end
@@ -278,6 +279,7 @@ def train(
             scenario.manifest, k=scenario.k, mpp=scenario.mpp, tile_size=scenario.tile_size,
             val_fraction=0.0, seed=scenario.seed, num_workers=scenario.num_workers,
             progress=False, tiling_workers=0, on_bad_slide=scenario.on_bad_slide,
+            bag=scenario.bag,
         )  # fmt: skip
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         result = record.result(module)

@@ -13,6 +13,7 @@ compared with one process under Lightning's default strategy with the same optio
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import itertools
 from pathlib import Path
@@ -105,14 +106,29 @@ def runs(tmp_path_factory) -> tuple[Path, list[Scenario]]:
     write_bad_tile_slides(manifest.parent)
     scenarios = _scenarios(manifest)
     matrix = _matrix()
-    run_world(None, scenarios + [s for _, s in matrix], root / "reference")
+    bags = _patient_bags(manifest)
+    run_world(None, scenarios + [s for _, s in matrix] + [bags], root / "reference")
     chunked = [dataclasses.replace(s, chunk=3) for s in scenarios]
     run_world(1, chunked + [s for r, s in matrix if r == 1], root / "1-chunked")
     for world in (2, 3):
-        cells = [s for r, s in matrix if r == world]
+        cells = [s for r, s in matrix if r == world] + ([bags] if world == 2 else [])
         run_world(world, scenarios + cells, root / str(world))
         run_world(world, chunked, root / f"{world}-chunked")
     return root, scenarios
+
+
+def _patient_bags(manifest: Path) -> Scenario:
+    """Two patients of two slides each (same label): K tiles over the union of their tiles."""
+    with open(manifest) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["patient_id"] = f"patient_{row['label']}"
+    bags = manifest.parent / "patients.csv"
+    with open(bags, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Scenario("patient-bags", k=96, manifest=str(bags), bag="patient", epochs=2)
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -193,3 +209,16 @@ def test_unreadable_tiles_cost_the_same_tiles_on_any_number_of_ranks(runs, world
     assert all("JPEG" in p["reason"] for p in by_kind["tile left out"])
     assert by_kind["slide dropped"] == []
     assert result == reference
+
+
+def test_a_patient_bag_on_two_ranks_trains_as_one_process(runs) -> None:
+    root, _ = runs
+    reference = load(root / "reference", "patient-bags")
+    result = load(root / "2", "patient-bags")
+    assert len(result["losses"]) == len(reference["losses"]) == 2 * 2  # 2 patients, 2 epochs
+    for part in PARTS:
+        assert normalised_l1(reference["final"], result["final"], part) <= 1e-5, part
+        assert normalised_l1(updates(reference), updates(result), part) <= 1e-3, part
+        assert normalised_l1(reference["initial"], reference["final"], part) > 1e-4, part
+    losses = torch.tensor(reference["losses"]), torch.tensor(result["losses"])
+    assert torch.allclose(*losses, atol=1e-5, rtol=0)
