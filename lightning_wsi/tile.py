@@ -22,7 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_wsi.data.datamodule import BadSlideError, SlideDataModule
+from lightning_wsi.data.external_tiling import write_clam_h5
 from lightning_wsi.data.manifest import BadSlide, ManifestError
+from lightning_wsi.data.names import inside, safe_name
 from lightning_wsi.data.synthetic import make_synthetic_dataset
 
 __all__ = ["main"]
@@ -41,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             listed = _save_bad_slides(datamodule, err.bad_slides)
             print(f"error: {_bad_slides_line(manifest, err.bad_slides, listed)}", file=sys.stderr)
             return 2
-        return _report(datamodule, _save_bad_slides(datamodule, datamodule.bad_slides))
+        code = _report(datamodule, _save_bad_slides(datamodule, datamodule.bad_slides))
+        if code == 0 and args.clam_h5 is not None:
+            written = write_clam_files(datamodule, args.clam_h5)
+            print(f"{len(written)} CLAM coordinate files in {args.clam_h5}")
+        return code
     except ManifestError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
     except OSError as err:  # an unwritable cache or synthetic root, a vanished file
@@ -80,7 +86,25 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_bounded(int, 0), default=None, help="tiling processes (0: this one)"
     )
     parser.add_argument("--on-bad-slide", choices=("raise", "skip"), default="raise")
+    parser.add_argument(
+        "--clam-h5", type=Path, default=None, metavar="DIR",
+        help="also write each slide's tiles as a CLAM coordinate file DIR/<slide id>.h5",
+    )  # fmt: skip
     return parser
+
+
+def write_clam_files(datamodule: SlideDataModule, folder: Path) -> list[Path]:
+    """Each usable slide's tiling as ``folder/<slide id>.h5`` in CLAM's layout, so CLAM's and
+    TRIDENT's tools open what we tiled (a manifest ``coords`` column reads them back)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split in datamodule.splits.values():
+        for entry in split:
+            if len(entry.tiles):
+                path = inside(folder, entry.slide_id, ".h5", unique=safe_name(entry.slide_id)
+                              != entry.slide_id)  # fmt: skip
+                written.append(write_clam_h5(path, entry.tiles, entry.path))
+    return written
 
 
 def _bounded(

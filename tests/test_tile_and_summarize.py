@@ -44,6 +44,27 @@ def test_tile_prints_the_tiles_per_slide_it_cached(slides, tmp_path, capsys):
     )
 
 
+def test_tile_writes_clam_files_that_read_back_as_the_same_tiles(slides, tmp_path, capsys):
+    import h5py
+
+    from lightning_wsi.data.external_tiling import read_external_tiling
+    from lightning_wsi.data.tiling import tile_slide
+
+    out = tmp_path / "clam"
+    args = ["--manifest", str(slides), "--cache-dir", str(tmp_path / "c"), "--clam-h5", str(out)]
+    assert tile.main([*args, *TILE]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"2 CLAM coordinate files in {out}"
+    with open(slides) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        path, h5 = str(slides.parent / row["path"]), out / f"{row['slide_id']}.h5"
+        with h5py.File(h5) as f:  # CLAM's layout: a coords dataset with its attributes
+            assert f["coords"].shape[1] == 2 and f["coords"].attrs["patch_level"] == 0
+        ours = tile_slide(path, mpp=2.0, tile_size=56)
+        back = read_external_tiling(h5, path, 2.0, 56)
+        assert back.coords.tolist() == ours.coords.tolist()
+
+
 def test_tile_with_no_usable_slide_is_one_line_and_exit_2(slides, tmp_path, capsys):
     manifest = _manifest(tmp_path, [("a", "gone.svs"), ("b", "slides/gone.tiff")])
     cache = tmp_path / "cache"
