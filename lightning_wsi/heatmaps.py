@@ -246,7 +246,8 @@ def write_heatmaps(
         The written paths.
     """
     written: list[Path] = []
-    for pred in predictions:
+    entries = {**entries, **{m.slide_id: m for e in entries.values() for m in _members(e)}}
+    for pred in (one for p in predictions for one in per_slide(p, entries)):
         if pred.get("attention") is None:
             continue
         slide_id = str(pred.get("slide_id"))
@@ -258,6 +259,28 @@ def write_heatmaps(
         if failures is not None:
             failures.append((slide_id, reason))
     return written
+
+
+def _members(entry: Any) -> tuple[SlideEntry, ...]:
+    members = getattr(entry, "members", None)
+    return tuple(members) if members is not None else ()
+
+
+def per_slide(prediction: Mapping[str, Any], entries: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A patient bag's prediction as one prediction per slide (its tiles' coordinates and
+    attention, the patient's score), so each slide gets its own heatmap; a slide's as is."""
+    members = _members(entries.get(str(prediction.get("slide_id"))))
+    index = prediction.get("slide_index")
+    if not members or index is None or prediction.get("attention") is None:
+        return [prediction]
+    index = np.asarray(index)
+    coords, attention = np.asarray(prediction["coords"]), np.asarray(prediction["attention"])
+    return [
+        {**prediction, "slide_id": m.slide_id, "coords": coords[index == i],
+         "attention": attention[index == i]}
+        for i, m in enumerate(members)
+        if (index == i).any()
+    ]  # fmt: skip
 
 
 def _try_write(

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from lightning_wsi.data import make_synthetic_dataset, tile_slide
-from lightning_wsi.data.dataset import SlideEntry
+from lightning_wsi.data.dataset import BagEntry, SlideEntry
 from lightning_wsi.data.synthetic import LESIONS_FORMAT
 from lightning_wsi.heatmaps import (
     _CMAP,
     attention_colours,
     heatmap_path,
     heatmap_title,
+    per_slide,
     relative_attention,
     scale_bar,
     write_heatmaps,
@@ -358,3 +359,19 @@ def test_failed_heatmaps_warn_are_returned_and_do_not_stop_the_rest(tmp_path: Pa
     messages = [str(w.message) for w in record]
     for sid, reason in failures:
         assert f"heatmap of slide {sid!r} not written: {reason}" in messages
+
+
+def test_a_patient_bag_gets_one_heatmap_per_slide(tmp_path: Path, slide) -> None:
+    path, tiles = slide
+    members = (SlideEntry("s1", path, 1, tiles), SlideEntry("s2", path, 1, tiles))
+    bag = BagEntry("patient", 1, members)
+    k = len(tiles.coords)
+    pred = _prediction("patient", tiles)
+    pred["coords"] = torch.cat([pred["coords"], pred["coords"][:3]])  # 3 tiles of s2 too
+    pred["attention"] = torch.full((k + 3,), 1.0 / (k + 3))
+    pred["slide_index"] = torch.tensor([0] * k + [1] * 3)
+    pieces = per_slide(pred, {"patient": bag})
+    assert [p["slide_id"] for p in pieces] == ["s1", "s2"]
+    assert len(pieces[0]["coords"]) == k and len(pieces[1]["attention"]) == 3
+    written = write_heatmaps([pred], {"patient": bag}, tmp_path)
+    assert [p.name for p in written] == ["s1.png", "s2.png"]

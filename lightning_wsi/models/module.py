@@ -244,6 +244,8 @@ class SlideModule(L.LightningModule):
         }
         if batch.get("target") is not None:
             result["target"] = torch.as_tensor(batch["target"]).cpu()
+        if batch.get("slide_index") is not None:  # a patient bag: which slide each tile is from
+            result["slide_index"] = torch.as_tensor(batch["slide_index"]).cpu()
         curve = getattr(self.task, "survival_curve", None)
         if callable(curve):  # survival: the probability of surviving each time bin
             result["survival"] = curve(output.logits.detach()).float().cpu()

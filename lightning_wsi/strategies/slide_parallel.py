@@ -522,6 +522,9 @@ class SlideParallelStrategy(DDPStrategy):
         output = self._broadcast_output(output, error, stage)
         full_batch = {k: v for k, v in batch.items() if k not in ("tiles", "tile_index")}
         full_batch["coords"] = all_coords
+        if batch.get("slide_index") is not None:  # a patient bag: per tile, like coords
+            index = batch["slide_index"].to(self.root_device)
+            full_batch["slide_index"] = all_gather_rows(index, info)
         if stage == "predict":
             return method(output, full_batch)
         return method(output, full_batch, stage)

@@ -284,6 +284,8 @@ def train(
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         result = record.result(module)
         result["problems"] = dm.problems.as_dicts()
+        if scenario.evaluate:
+            result["predictions"] = trainer.predict(module, datamodule=dm)
     else:
         slides = in_memory_slides(scenario)
         if scenario.drop_tile is not None:

@@ -128,7 +128,9 @@ def _patient_bags(manifest: Path) -> Scenario:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return Scenario("patient-bags", k=96, manifest=str(bags), bag="patient", epochs=2)
+    return Scenario(
+        "patient-bags", k=96, manifest=str(bags), bag="patient", epochs=2, evaluate=True
+    )
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -222,3 +224,10 @@ def test_a_patient_bag_on_two_ranks_trains_as_one_process(runs) -> None:
         assert normalised_l1(reference["initial"], reference["final"], part) > 1e-4, part
     losses = torch.tensor(reference["losses"]), torch.tensor(result["losses"])
     assert torch.allclose(*losses, atol=1e-5, rtol=0)
+    # prediction keeps which slide each tile is from (heatmaps per slide), gathered over ranks
+    assert len(result["predictions"]) == len(reference["predictions"]) == 2
+    for ours, theirs in zip(reference["predictions"], result["predictions"], strict=True):
+        assert ours["slide_id"] == theirs["slide_id"]
+        assert torch.equal(ours["slide_index"], theirs["slide_index"])
+        assert torch.equal(ours["coords"], theirs["coords"])
+        assert set(ours["slide_index"].tolist()) == {0, 1}
