@@ -45,8 +45,22 @@ __all__ = [
 
 MIN_RUNS_FOR_INTERVAL = 3  # a t-interval over fewer runs is too wide to say anything
 _COLUMNS = ("train/loss", "val/loss", "val/auroc")
+# The score a task reports: AUROC (binary), C-index (survival), quadratic kappa (ordinal).
+_SCORES = ("val/auroc", "val/cindex", "val/qwk")
 _TITLES = {"train/loss": "final training loss", "val/loss": "validation loss",
-           "val/auroc": "validation AUROC"}  # fmt: skip
+           "val/auroc": "validation AUROC", "val/cindex": "validation C-index",
+           "val/qwk": "validation quadratic kappa"}  # fmt: skip
+_SHORT = {"val/auroc": "val AUROC", "val/cindex": "val C-index", "val/qwk": "val QWK"}
+
+
+def score_column(runs: Sequence[dict[str, Any]]) -> str:
+    """The sweep's score: the first of AUROC, C-index and kappa that some run reports."""
+    for column in _SCORES:
+        if any(math.isfinite(_number(run.get(column))) for run in runs):
+            return column
+    return "val/auroc"
+
+
 _NOTE_CHARS = 200  # a run's own note, as shown in a row
 
 
@@ -124,9 +138,10 @@ def summarize(sweep: Path, runs: Sequence[dict[str, Any]] | None = None) -> list
             warnings.warn(f"skipped {path}: {why}", stacklevel=2)
     if not runs:
         raise SweepError(f"no usable summary.json under {sweep}")
-    rows = _rows(runs)
+    columns = ("train/loss", "val/loss", score_column(runs))
+    rows = _rows(runs, columns)
     _write_csv(rows, sweep / "summary.csv")
-    figure = k_sweep_figure(rows)
+    figure = k_sweep_figure(rows, columns)
     try:
         figure.savefig(sweep / "k_sweep.png", dpi=120)
     finally:
@@ -134,14 +149,16 @@ def summarize(sweep: Path, runs: Sequence[dict[str, Any]] | None = None) -> list
     return rows
 
 
-def _rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(
+    runs: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS
+) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for run in runs:
         groups[(_stratum(run), int(run["K"]))].append(run)
     rows = []
     for (stratum, k), members in sorted(groups.items()):
         row: dict[str, Any] = {"stratum": stratum, "K": k, "runs": len(members)}
-        for column in _COLUMNS:
+        for column in columns:
             keys = (column, f"{column} low", f"{column} high", f"{column} note")
             row.update(zip(keys, _interval(members, column), strict=True))
         rows.append(row)
@@ -212,16 +229,16 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def k_sweep_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS) -> Figure:
     """The K sweep (the paper's Fig. 4): one panel per metric, one line per stratum, 95%
     intervals as error bars where a row has one; tick labels are plain numbers (no offset
     text above the axes, which overlapped the title when values barely differ)."""
-    fig, axes = plt.subplots(1, len(_COLUMNS), figsize=(13, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, len(columns), figsize=(13, 3.8), layout="constrained")
     for stratum in sorted({r["stratum"] for r in rows}):
         mine = sorted((r for r in rows if r["stratum"] == stratum), key=lambda r: r["K"])
-        for ax, column in zip(axes, _COLUMNS, strict=True):
+        for ax, column in zip(axes, columns, strict=True):
             _plot_stratum(ax, mine, column, stratum)
-    for ax, column in zip(axes, _COLUMNS, strict=True):
+    for ax, column in zip(axes, columns, strict=True):
         ax.set_xscale("log", base=2)
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.set_xlabel("K (tiles per slide in training)")
@@ -245,21 +262,22 @@ def _cell(value: float, spec: str) -> str:
     return "n/a" if not math.isfinite(value) else format(value, spec)
 
 
-def _auroc_cell(row: dict[str, Any]) -> str:
-    value, low, high = row["val/auroc"], row["val/auroc low"], row["val/auroc high"]
+def _score_cell(row: dict[str, Any], column: str) -> str:
+    value, low, high = row[column], row[f"{column} low"], row[f"{column} high"]
     if not math.isfinite(value):
         return "n/a"
     bounds = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
-    return f"{value:.3f}{bounds} ({row['val/auroc note']})"
+    return f"{value:.3f}{bounds} ({row[f'{column} note']})"
 
 
 def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    score = next((c for c in _SCORES if c in rows[0]), "val/auroc")
     header = f"{'stratum':<40} {'K':>5} {'runs':>4} {'train loss':>11} {'val loss':>9} "
-    print(header + "val AUROC [95% CI]")
+    print(header + f"{_SHORT[score]} [95% CI]")
     for r in rows:
         print(
             f"{r['stratum']:<40} {r['K']:>5} {r['runs']:>4} {_cell(r['train/loss'], '.4f'):>11} "
-            f"{_cell(r['val/loss'], '.4f'):>9} {_auroc_cell(r)}"
+            f"{_cell(r['val/loss'], '.4f'):>9} {_score_cell(r, score)}"
         )
 
 

@@ -208,13 +208,19 @@ def test_every_config_composes() -> None:
             cfg = compose("train", overrides=[f"experiment={experiment}"])
             assert cfg.mpp == 0.5 and cfg.tile_size == 224
             assert cfg.trainer.strategy._target_ == "lightning_wsi.SlideParallelStrategy"
+        cfg = compose("train", overrides=["experiment=panda_isup"])
+        assert (cfg.task.name, cfg.task.num_classes, cfg.aggregator.name) == (
+            "ordinal",
+            6,
+            "transformer",
+        )
         for group, options in {
             "encoder": ("resnet10t", "test_resnet", "test_vit", "resnet18", "resnet50",
                         "vit_small", "vit_base", "foundation_local"),
             "aggregator": ("gma", "transformer", "mean"),
             "strategy": ("single_device", "slide_parallel", "slide_parallel_chunked", "ddp"),
             "trainer": ("cpu", "gpu", "multinode"),
-            "task": ("binary", "multiclass", "regression"),
+            "task": ("binary", "multiclass", "regression", "ordinal", "survival"),
             "logger": ("csv", "tensorboard", "mlflow"),
         }.items():  # fmt: skip
             for option in options:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 from lightning_wsi import summarize, tile
 from lightning_wsi.data import make_synthetic_dataset
@@ -313,3 +314,18 @@ def test_k_sweep_plot_has_plain_tick_labels_and_a_clear_title():
         title = ax.title.get_window_extent(renderer)
         assert title.y0 >= ax.get_window_extent(renderer).y1  # above the axes
         assert title.y1 <= fig.bbox.y1  # inside the figure
+
+
+def test_summarize_reports_the_c_index_of_survival_runs(tmp_path, capsys):
+    for i, cindex in enumerate((0.6, 0.7, 0.8)):
+        _run(tmp_path, f"run{i}", K=8, **{"train/loss": 1.0, "val/loss": 1.2,
+                                          "val/cindex": cindex})  # fmt: skip
+    assert summarize.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("stratum"))
+    assert out[header].endswith("val C-index [95% CI]")
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert f"0.700 [{0.7 - half:.3f}, {0.7 + half:.3f}]" in out[header + 1]
+    with open(tmp_path / "summary.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["val/cindex"]) == pytest.approx(0.7) and "val/auroc" not in row
