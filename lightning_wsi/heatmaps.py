@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib import patheffects
 from matplotlib.colors import LogNorm
 
-from lightning_wsi.data.dataset import SlideEntry
+from lightning_wsi.data.dataset import BagEntry, SlideEntry, slides_of
 from lightning_wsi.data.names import inside, safe_name
 from lightning_wsi.data.slide import Slide
 
@@ -246,7 +246,7 @@ def write_heatmaps(
         The written paths.
     """
     written: list[Path] = []
-    entries = {**entries, **{m.slide_id: m for e in entries.values() for m in _members(e)}}
+    entries = {**entries, **{m.slide_id: m for e in entries.values() for m in slides_of(e)}}
     for pred in (one for p in predictions for one in per_slide(p, entries)):
         if pred.get("attention") is None:
             continue
@@ -261,24 +261,19 @@ def write_heatmaps(
     return written
 
 
-def _members(entry: Any) -> tuple[SlideEntry, ...]:
-    members = getattr(entry, "members", None)
-    return tuple(members) if members is not None else ()
-
-
 def per_slide(prediction: Mapping[str, Any], entries: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """A patient bag's prediction as one prediction per slide (its tiles' coordinates and
     attention, the patient's score), so each slide gets its own heatmap; a slide's as is."""
-    members = _members(entries.get(str(prediction.get("slide_id"))))
+    bag = entries.get(str(prediction.get("slide_id")))
     index = prediction.get("slide_index")
-    if not members or index is None or prediction.get("attention") is None:
+    if not isinstance(bag, BagEntry) or index is None or prediction.get("attention") is None:
         return [prediction]
     index = np.asarray(index)
     coords, attention = np.asarray(prediction["coords"]), np.asarray(prediction["attention"])
     return [
         {**prediction, "slide_id": m.slide_id, "coords": coords[index == i],
          "attention": attention[index == i]}
-        for i, m in enumerate(members)
+        for i, m in enumerate(bag.members)
         if (index == i).any()
     ]  # fmt: skip
 

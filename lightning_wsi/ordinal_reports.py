@@ -11,41 +11,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from lightning_wsi.intervals import MIN_USABLE, BootstrapCI, format_interval
 
 __all__ = ["KappaCI", "format_kappa", "kappa_ci", "quadratic_kappa"]
 
 MIN_SLIDES = 20  # slides below which a bootstrap kappa interval is withheld
 MIN_GRADES = 2  # distinct target grades needed for the interval
-MIN_USABLE = 0.9  # share of resamples that must hold >= 2 target grades (a kappa is defined)
 
 
-@dataclass(frozen=True)
-class KappaCI:
-    """Quadratic weighted kappa with its 95% percentile-bootstrap interval, or why not.
-
-    The counterpart of :class:`lightning_wsi.reports.AurocCI` for grades.
-
-    Attributes:
-        kappa: Kappa over all slides; NaN when undefined (targets of a single grade, no slides).
-        low: Lower bound of the 95% interval; NaN when withheld.
-        high: Upper bound; NaN when withheld.
-        note: Why the interval (or the kappa) is withheld; empty when it is given.
-        resamples: Bootstrap resamples the interval is computed from (0 when withheld).
-    """
-
-    kappa: float
-    low: float = math.nan
-    high: float = math.nan
-    note: str = ""
-    resamples: int = 0
+class KappaCI(BootstrapCI):
+    """Quadratic weighted kappa with its 95% percentile-bootstrap interval, or why not
+    (:class:`~lightning_wsi.intervals.BootstrapCI`; ``value`` is the kappa, NaN when undefined:
+    targets of a single grade, no slides). The counterpart of ``reports.AurocCI`` for grades."""
 
     @property
-    def has_interval(self) -> bool:
-        """Whether ``low`` and ``high`` are a reported interval."""
-        return not self.note and math.isfinite(self.low) and math.isfinite(self.high)
+    def kappa(self) -> float:
+        return self.value
 
 
 def _grades(values: Sequence[int], num_classes: int, name: str) -> np.ndarray:
@@ -178,12 +162,7 @@ def kappa_ci(
     if note:
         return KappaCI(value, note=note)
     scores = _kappas(_confusions(p[idx[usable]], t[idx[usable]], num_classes))
-    low, high = np.percentile(scores, [2.5, 97.5])
-    if high - low < 1e-6:
-        return KappaCI(
-            value, note=f"every resample gives kappa {high:.3f}: a bootstrap cannot bound it"
-        )
-    return KappaCI(value, float(low), float(high), resamples=len(scores))
+    return KappaCI.from_resamples(value, scores, "kappa")
 
 
 def format_kappa(ci: KappaCI, name: str = "val/qwk") -> str:
@@ -193,11 +172,4 @@ def format_kappa(ci: KappaCI, name: str = "val/qwk") -> str:
         >>> format_kappa(KappaCI(0.8123, 0.704, 0.897, resamples=1000))
         'val/qwk 0.812 [0.70, 0.90]  (95% bootstrap CI, 1000 resamples)'
     """
-    if math.isnan(ci.kappa):
-        return f"{name} n/a  ({ci.note})"
-    if not ci.has_interval:
-        return f"{name} {ci.kappa:.3f}  (no interval: {ci.note})"
-    return (
-        f"{name} {ci.kappa:.3f} [{ci.low:.2f}, {ci.high:.2f}]  "
-        f"(95% bootstrap CI, {ci.resamples} resamples)"
-    )
+    return format_interval(ci, name)

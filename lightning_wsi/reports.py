@@ -14,7 +14,6 @@ import math
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from lightning_wsi.data.synthetic import LESIONS_FORMAT, lesion_boxes
 from lightning_wsi.heatmaps import plot_attention_heatmap
+from lightning_wsi.intervals import MIN_USABLE, BootstrapCI, format_interval
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,31 +46,16 @@ __all__ = [
 
 _FPR_GRID = np.linspace(0.0, 1.0, 101)
 MIN_PER_CLASS = 5  # slides of each class below which a bootstrap AUROC interval is withheld
-MIN_USABLE = 0.9  # share of resamples that must hold both classes for the interval to stand
 
 
-@dataclass(frozen=True)
-class AurocCI:
-    """AUROC of slide probabilities with its 95% percentile-bootstrap interval, or why not.
-
-    Attributes:
-        auroc: AUROC over all slides; NaN when it is undefined (one class, non-finite scores).
-        low: Lower bound of the 95% interval; NaN when withheld.
-        high: Upper bound; NaN when withheld.
-        note: Why the interval (or the AUROC) is withheld; empty when it is given.
-        resamples: Bootstrap resamples the interval is computed from (0 when withheld).
-    """
-
-    auroc: float
-    low: float = math.nan
-    high: float = math.nan
-    note: str = ""
-    resamples: int = 0
+class AurocCI(BootstrapCI):
+    """AUROC of slide probabilities with its 95% percentile-bootstrap interval, or why not
+    (:class:`~lightning_wsi.intervals.BootstrapCI`; ``value`` is the AUROC, NaN when undefined:
+    one class, non-finite scores)."""
 
     @property
-    def has_interval(self) -> bool:
-        """Whether ``low`` and ``high`` are a reported interval."""
-        return not self.note and math.isfinite(self.low) and math.isfinite(self.high)
+    def auroc(self) -> float:
+        return self.value
 
 
 def _bootstrap(targets: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +146,7 @@ def auroc_ci(
     if note:
         return AurocCI(value, note=note)
     scores = [_auroc(p[i], t[i]) for i in idx[usable]]
-    low, high = np.percentile(scores, [2.5, 97.5])
-    if high - low < 1e-6:  # classes that never overlap: every resample agrees (float32 sums)
-        note = f"every resample gives AUROC {high:.3f}: a bootstrap cannot bound it"
-        return AurocCI(value, note=note)
-    return AurocCI(value, float(low), float(high), resamples=len(scores))
+    return AurocCI.from_resamples(value, scores, "AUROC")  # no overlap: 1 in every resample
 
 
 def auroc_with_ci(
@@ -188,14 +169,7 @@ def format_auroc(ci: AurocCI, name: str = "val/auroc") -> str:
         >>> format_auroc(AurocCI(0.8734, 0.712, 0.968, resamples=1000))
         'val/auroc 0.873 [0.71, 0.97]  (95% bootstrap CI, 1000 resamples)'
     """
-    if math.isnan(ci.auroc):
-        return f"{name} n/a  ({ci.note})"
-    if not ci.has_interval:
-        return f"{name} {ci.auroc:.3f}  (no interval: {ci.note})"
-    return (
-        f"{name} {ci.auroc:.3f} [{ci.low:.2f}, {ci.high:.2f}]  "
-        f"(95% bootstrap CI, {ci.resamples} resamples)"
-    )
+    return format_interval(ci, name)
 
 
 def _roc_band(p: np.ndarray, t: np.ndarray, n_bootstrap: int, seed: int) -> np.ndarray:

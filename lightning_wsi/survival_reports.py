@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import chi2
 
+from lightning_wsi.intervals import MIN_USABLE, BootstrapCI, format_interval
 from lightning_wsi.models.tasks.survival import check_survival_data, concordance_counts
 
 matplotlib.use("Agg")
@@ -39,31 +40,16 @@ __all__ = [
 ]
 
 MIN_EVENTS = 10  # observed events below which a bootstrap C-index interval is withheld
-MIN_USABLE = 0.9  # share of resamples that must hold a comparable pair for the interval to stand
 
 
-@dataclass(frozen=True)
-class CIndexCI:
-    """Harrell's C-index of slide risks with its 95% percentile-bootstrap interval, or why not.
-
-    Attributes:
-        cindex: C-index over all slides; NaN when undefined (no comparable pair, non-finite risks).
-        low: Lower bound of the 95% interval; NaN when withheld.
-        high: Upper bound; NaN when withheld.
-        note: Why the interval (or the C-index) is withheld; empty when it is given.
-        resamples: Bootstrap resamples the interval is computed from (0 when withheld).
-    """
-
-    cindex: float
-    low: float = math.nan
-    high: float = math.nan
-    note: str = ""
-    resamples: int = 0
+class CIndexCI(BootstrapCI):
+    """Harrell's C-index of slide risks with its 95% percentile-bootstrap interval, or why not
+    (:class:`~lightning_wsi.intervals.BootstrapCI`; ``value`` is the C-index, NaN when
+    undefined: no comparable pair, non-finite risks)."""
 
     @property
-    def has_interval(self) -> bool:
-        """Whether ``low`` and ``high`` are a reported interval."""
-        return not self.note and math.isfinite(self.low) and math.isfinite(self.high)
+    def cindex(self) -> float:
+        return self.value
 
 
 def _checked(
@@ -159,12 +145,7 @@ def cindex_ci(
     note = _withheld_because(int(e.sum()), usable, n_bootstrap, min_events)
     if note:
         return CIndexCI(value, note=note)
-    low, high = np.percentile(concordant[usable] / comparable[usable], [2.5, 97.5])
-    if high - low < 1e-6:
-        return CIndexCI(
-            value, note=f"every resample gives C-index {high:.3f}: a bootstrap cannot bound it"
-        )
-    return CIndexCI(value, float(low), float(high), resamples=int(usable.sum()))
+    return CIndexCI.from_resamples(value, concordant[usable] / comparable[usable], "C-index")
 
 
 def format_cindex(ci: CIndexCI, name: str = "val/cindex") -> str:
@@ -174,14 +155,7 @@ def format_cindex(ci: CIndexCI, name: str = "val/cindex") -> str:
         >>> format_cindex(CIndexCI(0.6734, 0.612, 0.738, resamples=1000))
         'val/cindex 0.673 [0.61, 0.74]  (95% bootstrap CI, 1000 resamples)'
     """
-    if math.isnan(ci.cindex):
-        return f"{name} n/a  ({ci.note})"
-    if not ci.has_interval:
-        return f"{name} {ci.cindex:.3f}  (no interval: {ci.note})"
-    return (
-        f"{name} {ci.cindex:.3f} [{ci.low:.2f}, {ci.high:.2f}]  "
-        f"(95% bootstrap CI, {ci.resamples} resamples)"
-    )
+    return format_interval(ci, name)
 
 
 @dataclass(frozen=True)

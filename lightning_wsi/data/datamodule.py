@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_wsi.data.augment import TileAugment
-from lightning_wsi.data.dataset import BagEntry, SlideDataset, SlideEntry
+from lightning_wsi.data.dataset import BagEntry, SlideDataset, SlideEntry, slides_of
 from lightning_wsi.data.loader import DeferredDataLoader
 from lightning_wsi.data.manifest import (
     BadSlide,
@@ -252,7 +252,7 @@ class SlideDataModule(LightningDataModule):
             m.slide_id: m.path
             for split in self.splits.values()
             for e in split
-            for m in getattr(e, "members", (e,))
+            for m in slides_of(e)
         }
         trainer.callbacks.append(ProblemRecorder(self.problems, paths))
 

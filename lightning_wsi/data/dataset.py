@@ -23,7 +23,7 @@ from lightning_wsi.data.sampling import (
 from lightning_wsi.data.slide import Slide, SlideError
 from lightning_wsi.data.tiling import SlideTiles
 
-__all__ = ["BagEntry", "SlideEntry", "SlideDataset"]
+__all__ = ["BagEntry", "SlideEntry", "SlideDataset", "slides_of"]
 
 # Open OpenSlide handles kept per process: enough for a worker's slides, few file descriptors.
 _MAX_OPEN_SLIDES = 16
@@ -64,12 +64,13 @@ class BagEntry:
         return np.cumsum([0] + [len(m.tiles) for m in self.members])[:-1]
 
 
-def _members(entry: SlideEntry | BagEntry) -> tuple[SlideEntry, ...]:
+def slides_of(entry: SlideEntry | BagEntry) -> tuple[SlideEntry, ...]:
+    """The slides of an item: a bag's members, or the slide itself."""
     return entry.members if isinstance(entry, BagEntry) else (entry,)
 
 
 def _n_tiles(entry: SlideEntry | BagEntry) -> int:
-    return sum(len(m.tiles) for m in _members(entry))
+    return sum(len(m.tiles) for m in slides_of(entry))
 
 
 def _locate(entry: SlideEntry | BagEntry, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +174,7 @@ class SlideDataset(Dataset):
         shard = shard[kept]
         member, local = _locate(entry, shard)
         coords = np.stack(
-            [_members(entry)[m].tiles.coords[t] for m, t in zip(member, local, strict=True)]
+            [slides_of(entry)[m].tiles.coords[t] for m, t in zip(member, local, strict=True)]
         ) if len(shard) else np.zeros((0, 2), dtype=np.int64)  # fmt: skip
         item: dict[str, Any] = {}
         if factors is not None:
@@ -199,7 +200,7 @@ class SlideDataset(Dataset):
         return item
 
     def _empty(self, entry: SlideEntry | BagEntry) -> np.ndarray:
-        size = _members(entry)[0].tiles.tile_size
+        size = slides_of(entry)[0].tiles.tile_size
         return np.empty((0, size, size, 3), dtype=np.uint8)
 
     def _read(
@@ -212,7 +213,7 @@ class SlideDataset(Dataset):
             ``{"x", "y", "error"}`` of tiles left out, and a reason when the slide itself is
             gone (then nothing else is read).
         """
-        members = _members(entry)
+        members = slides_of(entry)
         size = members[0].tiles.tile_size
         out = np.empty((len(shard), size, size, 3), dtype=np.uint8)
         kept: list[int] = []

@@ -252,7 +252,7 @@ class ProblemRecorder(Callback):
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
                                 dataloader_idx=0) -> None:  # fmt: skip
-        self._record(trainer, batch, "test" if trainer.testing else "val")
+        self._record(trainer, batch, "val")  # trainer.test calls on_test_batch_end instead
 
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: ANN001
