@@ -171,9 +171,17 @@ def _stratum(run: dict[str, Any]) -> str:
     parts = [
         f"{devices} device{'s' if devices != 1 else ''}",
         f"chunk {chunk}" if chunk else "no chunking",
-        "frozen encoder" if run.get("freeze_encoder") else "end to end",
+        _training(run),
     ]
     return _shorten(", ".join(str(p) for p in parts))
+
+
+def _training(run: dict[str, Any]) -> str:
+    """``frozen encoder``, ``end to end``, or ``end to end (lora)`` for another way of tuning."""
+    finetune = run.get("finetune") or "full"
+    if run.get("freeze_encoder") or finetune == "frozen":
+        return "frozen encoder"
+    return "end to end" if finetune == "full" else f"end to end ({finetune})"
 
 
 def _interval(members: Sequence[dict[str, Any]], column: str) -> tuple[float, float, float, str]:

@@ -54,10 +54,16 @@ from lightning_wsi.reports import (
 )
 from lightning_wsi.survival_reports import cindex_ci, format_cindex, plot_km_by_risk
 
-__all__ = ["main", "run"]
+__all__ = ["ConfigError", "check_tile_size", "main", "run"]
+
+
+class ConfigError(ValueError):
+    """Config values that cannot work together; the message names the keys and the fix."""
+
 
 # Bad input a user can fix: reported as one line with exit code 2, not a traceback.
 USER_ERRORS = (
+    ConfigError,
     BadSlideError,
     ManifestError,
     FileNotFoundError,
@@ -66,9 +72,26 @@ USER_ERRORS = (
 )
 
 
+def check_tile_size(cfg: DictConfig) -> None:
+    """An encoder preset whose position embedding is fixed (``dynamic_img_size: false``, e.g.
+    H-optimus-0/1 and Prov-GigaPath) takes only its native tile size: say so in one line before
+    any slide is read, rather than with timm's assertion at the first step."""
+    native = cfg.encoder.get("native_tile_size")
+    kwargs = cfg.encoder.get("kwargs") or {}
+    if native is None or kwargs.get("dynamic_img_size", False) or cfg.tile_size == native:
+        return
+    raise ConfigError(
+        f"encoder={cfg.encoder.name} takes {native}-px tiles only (dynamic_img_size: false), "
+        f"got tile_size={cfg.tile_size}; set tile_size={native} (and mpp="
+        f"{cfg.encoder.get('native_mpp', 0.5)}), or encoder.kwargs.dynamic_img_size=true to "
+        "interpolate its position embedding"
+    )
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; write the outputs; return the summary."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_tile_size(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.data.get("synthetic"):
         syn = cfg.data.synthetic
@@ -161,8 +184,25 @@ def _survival_report(
     ci = cindex_ci(risks, times, events, cfg.bootstrap, cfg.seed, slide_ids=ids)
     summary.update({"val/cindex": ci.cindex, "val/cindex_low": ci.low,
                     "val/cindex_high": ci.high, "val/cindex_note": ci.note})  # fmt: skip
-    plot_km_by_risk(risks, times, events, out / "km.png", slide_ids=ids)
-    return format_cindex(ci)
+    groups = plot_km_by_risk(risks, times, events, out / "km.png", slide_ids=ids)
+    p_value = groups.logrank.p_value
+    summary.update({"val/events": int(sum(events)), "val/logrank_p": p_value,
+                    "val/logrank_note": groups.note})  # fmt: skip
+    split = (f"log-rank p = {p_value:.2g}" if math.isfinite(p_value) else
+             f"no log-rank test ({groups.note})")  # fmt: skip
+    return (
+        f"{format_cindex(ci)}\nkm.png: {groups.n_high} high- vs {groups.n_low} low-risk "
+        f"slides ({int(sum(events))} events), {split}"
+    )
+
+
+def _finetune_choice(cfg: DictConfig) -> str:
+    """How the encoder trained: the `finetune` group's choice (full, frozen, lora, ...)."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("finetune")
+        if choice:
+            return str(choice)
+    return "frozen" if cfg.freeze_encoder else "full"
 
 
 def _strict_json(value: Any) -> Any:
@@ -196,13 +236,15 @@ def _report(
 ) -> dict[str, Any]:
     metrics_csv = out / "logs" / "metrics.csv"
     predicted = [p for p in predictions if p.get("status") != "dropped"]
-    write_predictions_csv(out / "predictions.csv", predictions)
+    edges = getattr(trainer.lightning_module.task, "bin_edges", None)
+    write_predictions_csv(out / "predictions.csv", predictions, bin_edges=edges)
     plot_loss_curve(metrics_csv, out / "loss.png")
     summary: dict[str, Any] = {
         "K": cfg.K,
         "devices": trainer.num_devices * trainer.num_nodes,
         "encode_chunk_size": cfg.encode_chunk_size,
         "freeze_encoder": cfg.freeze_encoder,
+        "finetune": _finetune_choice(cfg),
         "encoder": cfg.encoder.name,
         "aggregator": cfg.aggregator.name,
         "seed": cfg.seed,

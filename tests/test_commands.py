@@ -15,6 +15,8 @@ import torch
 from hydra import compose, initialize_config_module
 from nbclient import NotebookClient
 
+from lightning_wsi.train import ConfigError, check_tile_size
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "encoder=test_resnet",
@@ -216,12 +218,15 @@ def test_every_config_composes() -> None:
         )
         for group, options in {
             "encoder": ("resnet10t", "test_resnet", "test_vit", "resnet18", "resnet50",
-                        "vit_small", "vit_base", "foundation_local"),
+                        "vit_small", "vit_base", "foundation_local", "uni", "uni2_h",
+                        "virchow2", "h_optimus_0", "h_optimus_1", "prov_gigapath",
+                        "kaiko_vitb16"),
             "aggregator": ("gma", "transformer", "mean"),
             "strategy": ("single_device", "slide_parallel", "slide_parallel_chunked", "ddp"),
             "trainer": ("cpu", "gpu", "multinode"),
             "task": ("binary", "multiclass", "regression", "ordinal", "survival"),
             "logger": ("csv", "tensorboard", "mlflow"),
+            "finetune": ("full", "frozen", "last_blocks", "lora", "llrd"),
         }.items():  # fmt: skip
             for option in options:
                 cfg = compose("train", overrides=[f"{group}={option}"], return_hydra_config=True)
@@ -240,4 +245,16 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> 
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "validation AUROC" in text
+    assert "validation C-index" in text  # the survival section
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_a_fixed_size_encoder_preset_with_another_tile_size_is_one_line() -> None:
+    with initialize_config_module("lightning_wsi.conf", version_base="1.3"):
+        fixed = compose("train", overrides=["encoder=h_optimus_0"])  # the demo's 56-px tiles
+        with pytest.raises(ConfigError, match=r"^encoder=vit_giant_patch14_reg4_dinov2 takes "
+                           r"224-px tiles only .* got tile_size=56; set tile_size=224 \(and "
+                           r"mpp=0.5\), or encoder.kwargs.dynamic_img_size=true"):  # fmt: skip
+            check_tile_size(fixed)
+        check_tile_size(compose("train", overrides=["encoder=h_optimus_0", "tile_size=224"]))
+        check_tile_size(compose("train", overrides=["encoder=uni"]))  # dynamic_img_size: true

@@ -329,3 +329,20 @@ def test_summarize_reports_the_c_index_of_survival_runs(tmp_path, capsys):
     with open(tmp_path / "summary.csv") as handle:
         row = next(csv.DictReader(handle))
     assert float(row["val/cindex"]) == pytest.approx(0.7) and "val/auroc" not in row
+
+
+def test_summarize_keeps_each_way_of_tuning_in_its_own_stratum(tmp_path):
+    runs = [
+        {**_BASE, "K": 8, **_metrics(0.5, 0.6, 0.7), "finetune": finetune, **extra}
+        for finetune, extra in [
+            ("full", {}), ("lora", {}), ("llrd", {}), ("frozen", {"freeze_encoder": True}),
+            (None, {}), (None, {"freeze_encoder": True}),  # summaries from before the group
+        ]
+    ]  # fmt: skip
+    strata = {row["stratum"]: row["runs"] for row in summarize.summarize(tmp_path, runs)}
+    assert strata == {
+        _STRATUM: 2,
+        "1 device, no chunking, end to end (lora)": 1,
+        "1 device, no chunking, end to end (llrd)": 1,
+        "1 device, no chunking, frozen encoder": 2,
+    }

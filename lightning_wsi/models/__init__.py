@@ -10,6 +10,13 @@ from lightning_wsi.models.aggregators import (
 )
 from lightning_wsi.models.batchnorm import FrozenBatchNorm, freeze_batchnorm
 from lightning_wsi.models.encoders import build_encoder, create_encoder, load_encoder_weights
+from lightning_wsi.models.lora import (
+    apply_lora,
+    export_merged_encoder,
+    load_adapters,
+    merge_lora,
+    save_adapters,
+)
 from lightning_wsi.models.module import SlideModule
 from lightning_wsi.models.tasks import (
     TASKS,
@@ -33,10 +40,15 @@ __all__ = [
     "SlideModule",
     "Task",
     "TransformerAggregator",
+    "apply_lora",
     "build_aggregator",
     "build_encoder",
     "build_task",
     "create_encoder",
+    "export_merged_encoder",
     "freeze_batchnorm",
+    "load_adapters",
     "load_encoder_weights",
+    "merge_lora",
+    "save_adapters",
 ]

@@ -1,4 +1,10 @@
-"""Tile encoders: a timm model by name, or any ``nn.Module`` from ``[k, 3, H, W]`` to ``[k, D]``."""
+"""Tile encoders: a timm model by name, or any ``nn.Module`` from ``[k, 3, H, W]`` to ``[k, D]``.
+
+Besides timm's own arguments, ``encoder_kwargs`` may hold lightning-wsi's keys for the published
+pathology encoders (``conf/encoder/uni.yaml`` and the others, see ``foundation.py``): layer
+names such as ``mlp_layer: timm.layers.SwiGLUPacked``, ``feature_pool: cls_mean_patch`` and
+``preset`` (where the publisher's weights live). They are resolved or removed before timm.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,16 @@ from timm.models import group_parameters, resolve_pretrained_cfg, split_model_na
 from torch import nn
 
 from lightning_wsi.models.batchnorm import freeze_batchnorm as _freeze_batchnorm
+from lightning_wsi.models.foundation import (
+    PresetWeights,
+    attach_feature_pool,
+    check_feature_pool,
+    default_hf_hub_cache,
+    find_preset_weights,
+    missing_weights_message,
+    resolve_layer_names,
+    torch_hub_checkpoints,
+)
 
 __all__ = [
     "PretrainedWeightsUnavailableError",
@@ -81,10 +97,15 @@ def build_encoder(
     Args:
         encoder: A timm model name or a module mapping ``[k, 3, H, W]`` tiles to ``[k, D]``.
         pretrained: Load timm's pretrained weights (names only): from the local cache when they
-            are there, else from the model hub (see ``create_encoder``). Ignored when
-            ``checkpoint_path`` is given, whose weights replace them all.
+            are there, else from the model hub (see ``create_encoder``). With a ``preset`` in
+            ``encoder_kwargs``, the publisher's weights instead, from the local Hugging Face (or
+            torch hub) cache only, never downloaded. Ignored when ``checkpoint_path`` is given,
+            whose weights replace them all.
         checkpoint_path: A local weights file loaded after creation (see ``load_encoder_weights``).
-        encoder_kwargs: Extra keyword arguments for ``timm.create_model`` (names only).
+        encoder_kwargs: Extra keyword arguments for ``timm.create_model`` (names only), plus
+            ``feature_pool`` and layer names (see ``create_encoder``) and ``preset``: a mapping
+            ``{name, hf_repo | url, file, gated, hf_cache}`` saying where the publisher's weights
+            live (``foundation.PresetWeights``).
         freeze: Freeze every parameter and keep the encoder in eval mode (the frozen-encoder
             MIL baseline).
         train_last_n_blocks: Train only the last N blocks (see ``freeze_all_but_last_blocks``).
@@ -99,7 +120,9 @@ def build_encoder(
     Raises:
         ValueError: An option does not apply to this encoder, or options conflict.
         PretrainedWeightsUnavailableError: ``pretrained`` weights are neither cached nor
-            downloadable.
+            downloadable; for a preset, not on disk (one line naming the preset, the file and
+            where its publisher distributes it).
+        FileNotFoundError: ``checkpoint_path`` does not exist.
 
     Example:
         >>> enc = build_encoder("test_resnet", train_last_n_blocks=1)
@@ -111,18 +134,22 @@ def build_encoder(
             "Expected at most one of `freeze_encoder` and `train_last_n_blocks`, got both "
             f"(freeze_encoder=True, train_last_n_blocks={train_last_n_blocks})."
         )
+    kwargs = dict(encoder_kwargs or {})
+    preset = _preset(kwargs.pop("preset", None))
+    # Before building: a missing file should not cost a billion-parameter initialisation first.
+    weights_file = _weights_file(preset, pretrained, checkpoint_path)
     if isinstance(encoder, str):
         # A local file replaces every weight (it must match all keys), so the hub is not needed.
-        from_hub = pretrained and checkpoint_path is None
-        encoder = create_encoder(encoder, pretrained=from_hub, **dict(encoder_kwargs or {}))
+        from_hub = pretrained and checkpoint_path is None and preset is None
+        encoder = create_encoder(encoder, pretrained=from_hub, **kwargs)
     elif not isinstance(encoder, nn.Module):
         raise TypeError(
             f"Expected `encoder` to be a timm model name or an nn.Module, got {encoder!r}"
         )
     elif pretrained or encoder_kwargs:
         raise ValueError("`pretrained` and `encoder_kwargs` apply to a timm model name only.")
-    if checkpoint_path is not None:
-        load_encoder_weights(encoder, checkpoint_path)
+    if weights_file is not None:
+        load_encoder_weights(encoder, weights_file)
     if freeze_batchnorm:
         encoder = _freeze_batchnorm(encoder)
     if freeze:
@@ -142,6 +169,31 @@ def build_encoder(
     return encoder
 
 
+def _preset(spec: Mapping[str, Any] | None) -> PresetWeights | None:
+    return None if spec is None else PresetWeights.from_config(spec)
+
+
+def _weights_file(
+    preset: PresetWeights | None, pretrained: bool, checkpoint_path: str | Path | None
+) -> str | Path | None:
+    """The weights file to load after creation: ``checkpoint_path``, or a preset's cached file.
+
+    Raises one line naming the preset, the expected file and its publisher when it is missing.
+    """
+    if preset is None:
+        return checkpoint_path
+    if checkpoint_path is not None:
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(missing_weights_message(preset, checkpoint_path))
+        return checkpoint_path
+    if not pretrained:
+        return None
+    found = find_preset_weights(preset)
+    if found is None:
+        raise PretrainedWeightsUnavailableError(missing_weights_message(preset, None))
+    return found
+
+
 def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Create a timm model as a feature extractor (``num_classes=0``: pooled ``[k, D]`` features).
 
@@ -154,7 +206,10 @@ def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     Args:
         name: A timm model name (``timm.list_models()``).
         pretrained: Load timm's pretrained weights.
-        **kwargs: Passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...).
+        **kwargs: Passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...), with
+            dotted ``*_layer`` names (``mlp_layer: timm.layers.SwiGLUPacked``) looked up in
+            ``foundation.LAYER_NAMES``, and ``feature_pool`` (``cls_mean_patch``: Virchow's
+            class token + mean patch token, ``D = 2 * embed_dim``) applied after creation.
 
     Returns:
         The model; ``model.num_features`` is ``D``.
@@ -162,14 +217,34 @@ def create_encoder(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     Raises:
         PretrainedWeightsUnavailableError: ``pretrained`` weights are not cached and the hub is
             offline or cannot be reached.
+        ValueError: An unknown model, layer name or ``feature_pool``, or a ``preset`` with
+            ``pretrained`` (a preset's weights are loaded by ``build_encoder``).
 
     Example:
         >>> create_encoder("test_vit", img_size=32).num_features
         64
+        >>> create_encoder("test_vit", img_size=32, global_pool="", feature_pool="cls_mean_patch")(
+        ...     torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 128])
     """
     if not timm.is_model(name):
         raise ValueError(f"Expected a timm model name (see timm.list_models()), got {name!r}.")
+    if kwargs.pop("preset", None) is not None and pretrained:
+        raise ValueError(
+            "A preset's weights come from its publisher's file: load them with build_encoder "
+            "(encoder.pretrained=true), not timm's pretrained=True."
+        )
+    feature_pool = kwargs.pop("feature_pool", None)
+    if feature_pool is not None:
+        check_feature_pool(feature_pool, kwargs)
+    kwargs = resolve_layer_names(kwargs)
     kwargs.setdefault("num_classes", 0)
+    model = _create_timm_model(name, pretrained, kwargs)
+    return model if feature_pool is None else attach_feature_pool(model, feature_pool)
+
+
+def _create_timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``; pretrained weights from the cache, or a reachable hub, or a fix."""
     if not pretrained:
         return timm.create_model(name, **kwargs)
     try:
@@ -205,7 +280,7 @@ def _with_local_or_reachable_weights(name: str, kwargs: dict[str, Any]) -> dict[
         reason = f"{origin} cannot be reached (no answer within {_PROBE_TIMEOUT_S:g} s)"
         raise PretrainedWeightsUnavailableError(_unavailable(name, kwargs, reason))
     if cfg.hf_hub_id and kwargs.get("cache_dir") is None:
-        kwargs = {**kwargs, "cache_dir": str(_hf_hub_cache())}  # download where we look
+        kwargs = {**kwargs, "cache_dir": str(default_hf_hub_cache())}  # download where we look
     return kwargs
 
 
@@ -221,7 +296,7 @@ def _cached_weights(cfg: Any, cache_dir: str | Path | None) -> tuple[Path, bool]
     """A cached weights file for ``cfg`` and whether timm loads it with ``custom_load``, or None."""
     if cfg.hf_hub_id:
         repo, _, revision = cfg.hf_hub_id.partition("@")
-        hub_cache = cache_dir or _hf_hub_cache()
+        hub_cache = cache_dir or default_hf_hub_cache()
         for filename in _hf_weight_files(cfg):
             found = try_to_load_from_cache(
                 repo, filename, cache_dir=hub_cache, revision=revision or None
@@ -247,19 +322,9 @@ def _hf_weight_files(cfg: Any) -> list[str]:
     return [filename]
 
 
-def _hf_hub_cache() -> Path:
-    """The Hugging Face hub cache as the environment says now (huggingface_hub reads it once)."""
-    env = os.environ
-    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(os.path.expandvars(explicit)).expanduser()
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
-
-
 def _url_cache(cache_dir: str | Path | None) -> Path:
     """Where timm (``load_state_dict_from_url``) keeps weights downloaded from a url."""
-    return Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return Path(cache_dir) if cache_dir else torch_hub_checkpoints()
 
 
 def _hf_endpoint() -> str:
@@ -305,7 +370,7 @@ def _unavailable(name: str, kwargs: Mapping[str, Any], reason: str) -> str:
     cfg = _pretrained_cfg(name, kwargs)
     cache_dir = kwargs.get("cache_dir")
     source = f"{_hf_endpoint()}/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
-    places = [str(cache_dir or _hf_hub_cache())] if cfg.hf_hub_id else []
+    places = [str(cache_dir or default_hf_hub_cache())] if cfg.hf_hub_id else []
     places += [str(_url_cache(cache_dir))] if cfg.url else []
     return (
         f"Pretrained weights of timm model {name!r} ({source}) are not in the local cache "
@@ -442,10 +507,14 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     missing = sorted(own - set(state))
     unexpected = sorted(set(state) - own)
     if missing or unexpected:
+        lora = any(".lora_A." in k for k in unexpected)
         raise ValueError(
             f"Encoder checkpoint {path} does not match {type(encoder).__name__}: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}."
+            + (" It is a LoRA checkpoint: export its merged encoder with "
+               "lightning_wsi.models.export_merged_encoder(module, 'encoder.safetensors') "
+               "and pass that file." if lora else "")  # fmt: skip
         )
     encoder.load_state_dict(state)
 

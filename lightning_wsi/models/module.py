@@ -17,7 +17,8 @@ from typing_extensions import override
 from lightning_wsi.data.problems import dropped_prediction
 from lightning_wsi.models.aggregators import AggregatorOutput, build_aggregator
 from lightning_wsi.models.encoders import build_encoder, encoder_feature_dim
-from lightning_wsi.models.optim import WarmupCosine, param_groups
+from lightning_wsi.models.lora import apply_lora, lora_options
+from lightning_wsi.models.optim import WarmupCosine, layer_ids, param_groups
 from lightning_wsi.models.tasks import Task, build_task
 
 __all__ = ["SlideModule"]
@@ -61,6 +62,13 @@ class SlideModule(L.LightningModule):
     ``load_from_checkpoint(path, encoder=..., ...)``. ``pretrained`` and ``checkpoint_path`` are
     cleared in saved checkpoints, since their weights are in the state dict.
 
+    Fine-tuning: the whole encoder (default), none of it (``freeze_encoder``), its last blocks
+    (``train_last_n_blocks``), or LoRA adapters (``lora``, see ``models.lora``), at most one of
+    the three. With ``lora`` the state dict holds the base and adapter weights
+    (``encoder.blocks.0.attn.qkv.base_layer.weight``, ``...lora_A.default.weight``) and loads back
+    into a module built with the same ``lora``, as ``load_from_checkpoint`` does from the saved
+    hyper-parameters; ``models.lora.export_merged_encoder`` writes a plain timm weights file.
+
     Args:
         encoder: A timm model name (created with ``num_classes=0``) or a module mapping
             ``[k, 3, H, W]`` to ``[k, D]``; ``D`` is its ``num_features`` (else found by a dummy
@@ -89,6 +97,12 @@ class SlideModule(L.LightningModule):
         lr_schedule: "cosine" (warm-up, then cosine to 0 over ``estimated_stepping_batches``) or
             "constant" (no scheduler).
         eval_chunk_size: Tiles encoded at a time in validation, test and predict.
+        lora: LoRA adapters on the encoder, applied after it is built: a mapping with keys
+            ``rank``, ``alpha``, ``targets``, ``dropout``, ``train_norms`` (``apply_lora``'s
+            arguments, defaults for those left out). Only the adapters (plus the norms with
+            ``train_norms``) and the aggregator train. Needs peft.
+        layer_decay: Layer-wise learning-rate decay in (0, 1] of the encoder (``param_groups``):
+            the last block at ``encoder_lr``, each block below it ``layer_decay`` times less.
 
     Example:
         >>> module = SlideModule("test_resnet", "gma", "binary")
@@ -120,6 +134,8 @@ class SlideModule(L.LightningModule):
         warmup_steps: int | None = None,
         lr_schedule: str = "cosine",
         eval_chunk_size: int = 256,
+        lora: Mapping[str, Any] | None = None,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
         objects = {"encoder": encoder, "aggregator": aggregator, "task": task}
@@ -132,6 +148,8 @@ class SlideModule(L.LightningModule):
             raise ValueError(f"Expected a positive `eval_chunk_size`, got {eval_chunk_size}.")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"Expected `warmup_fraction` in [0, 1), got {warmup_fraction}.")
+        _check_finetuning(lora, freeze_encoder, train_last_n_blocks, layer_decay)
+        lora_kwargs = None if lora is None else lora_options(lora)  # before building the encoder
         self.task = _as_task(task, num_classes)
         self.encoder = build_encoder(
             encoder,
@@ -144,6 +162,10 @@ class SlideModule(L.LightningModule):
             grad_checkpointing=grad_checkpointing,
             channels_last=channels_last,
         )
+        if lora_kwargs is not None:
+            self.encoder = apply_lora(self.encoder, **lora_kwargs)
+        if layer_decay is not None:
+            layer_ids(self.encoder, layer_decay)  # checks it now rather than when fit starts
         self.feature_dim = encoder_feature_dim(self.encoder)
         self.aggregator = _as_aggregator(
             aggregator, self.feature_dim, self.task.num_outputs, aggregator_kwargs
@@ -300,7 +322,12 @@ class SlideModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = param_groups(
-            self.encoder, self.aggregator, hp.encoder_lr, hp.aggregator_lr, hp.weight_decay
+            self.encoder,
+            self.aggregator,
+            hp.encoder_lr,
+            hp.aggregator_lr,
+            hp.weight_decay,
+            layer_decay=hp.layer_decay,
         )
         optimizer = torch.optim.AdamW(groups, **_adamw_implementation(groups, self._trainer))
         if hp.lr_schedule == "constant":
@@ -371,6 +398,30 @@ class SlideModule(L.LightningModule):
         if "target" not in batch:
             raise KeyError(f"Slide {batch.get('slide_id')!r} has no `target` in its batch.")
         return torch.as_tensor(batch["target"], device=output.logits.device)
+
+
+def _check_finetuning(
+    lora: Mapping[str, Any] | None,
+    freeze_encoder: bool,
+    train_last_n_blocks: int | None,
+    layer_decay: float | None,
+) -> None:
+    """One line for fine-tuning options that contradict each other."""
+    if lora is not None and (freeze_encoder or train_last_n_blocks is not None):
+        given = (
+            "freeze_encoder=True"
+            if freeze_encoder
+            else f"train_last_n_blocks={train_last_n_blocks}"
+        )
+        raise ValueError(
+            f"Expected one way to fine-tune the encoder, got `lora` and {given}: LoRA already "
+            "freezes the base weights; drop one (finetune=lora alone, or lora=null)."
+        )
+    if layer_decay is not None and freeze_encoder:
+        raise ValueError(
+            "Expected `layer_decay` with a trainable encoder, got freeze_encoder=True: a frozen "
+            "encoder has no learning rate to decay; set layer_decay=null."
+        )
 
 
 def _unusable(batch: Mapping[str, Any]) -> bool:

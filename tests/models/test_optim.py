@@ -204,3 +204,67 @@ def test_the_transformer_aggregators_class_token_gets_no_weight_decay() -> None:
     decay = {id(p) for p in groups["aggregator"]["params"]}
     assert id(aggregator.cls_token) in no_decay
     assert id(aggregator.projection.weight) in decay
+
+
+# ----------------------------------------------------------------- layer-wise learning-rate decay
+
+
+def _lr_of(encoder: nn.Module, groups: list[dict[str, Any]]) -> dict[str, float]:
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    return {names[id(p)]: g["lr"] for g in groups for p in g["params"] if id(p) in names}
+
+
+def test_layer_decay_gives_each_vit_layer_its_rate() -> None:
+    """test_vit has timm layers 0 (stem) to 6 (blocks.5 with the final norm): layer i gets
+    ``encoder_lr * layer_decay ** (6 - i)``."""
+    encoder = timm.create_model("test_vit", num_classes=0, img_size=32)
+    groups = param_groups(encoder, nn.Linear(64, 1), 1e-3, 1e-2, 0.05, layer_decay=0.5)
+    lr = _lr_of(encoder, groups)
+    assert len(lr) == len(list(encoder.parameters()))  # each in exactly one group
+    assert lr["cls_token"] == lr["pos_embed"] == lr["patch_embed.proj.weight"] == 1e-3 * 0.5**6
+    for b in range(6):
+        assert lr[f"blocks.{b}.attn.qkv.weight"] == 1e-3 * 0.5 ** (5 - b)
+        assert lr[f"blocks.{b}.norm2.bias"] == 1e-3 * 0.5 ** (5 - b)
+    assert lr["norm.weight"] == 1e-3
+    by_name = {g["name"]: g for g in groups}
+    assert _names(encoder, by_name["encoder_layer0_no_decay"]["params"]) == {
+        "cls_token", "pos_embed", "patch_embed.proj.bias"
+    }  # fmt: skip
+    assert _names(encoder, by_name["encoder_layer0"]["params"]) == {"patch_embed.proj.weight"}
+    assert by_name["encoder_layer3"]["weight_decay"] == 0.05
+    assert by_name["encoder_layer3_no_decay"]["weight_decay"] == 0.0
+    assert [(by_name[n]["lr"], by_name[n]["weight_decay"]) for n in
+            ("aggregator", "aggregator_no_decay")] == [(1e-2, 0.05), (1e-2, 0.0)]  # fmt: skip
+    assert len(groups) == 7 * 2 + 2
+
+
+def test_layer_decay_scales_with_the_warmup_cosine_schedule() -> None:
+    module = SlideModule(
+        "test_vit", "gma", "binary", encoder_kwargs={"img_size": 32}, encoder_lr=1e-3,
+        layer_decay=0.75, warmup_steps=2,
+    )  # fmt: skip
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    base = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert base["encoder_layer0"] == 1e-3 * 0.75**6 and base["encoder_layer6"] == 1e-3
+    assert base["aggregator"] == 1e-3  # SlideModule's default aggregator_lr
+    for factor in (1 / 3, 2 / 3, 1.0):  # WarmupCosine's warm-up, then 1 (no known length)
+        assert [g["lr"] for g in optimizer.param_groups] == [
+            pytest.approx(base[g["name"]] * factor, rel=1e-12) for g in optimizer.param_groups
+        ]
+        optimizer.step()
+        scheduler.step()
+
+
+def test_layer_decay_needs_a_layered_encoder_and_a_rate_in_range() -> None:
+    with pytest.raises(ValueError, match=r"`layer_decay` needs an encoder with timm's "
+                       r"`group_matcher\(\)` .*got Sequential; .*layer_decay=null"):  # fmt: skip
+        param_groups(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 1), 1e-4, 1e-3, 0.0, 0.75)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"got Sequential"):  # at construction, not at fit
+        SlideModule(encoder, "mean", "binary", layer_decay=0.75)
+    for bad in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match=rf"Expected `layer_decay` in \(0, 1\], got {bad}"):
+            SlideModule("test_resnet", "gma", "binary", layer_decay=bad)
+    with pytest.raises(ValueError, match=r"got freeze_encoder=True: .*set layer_decay=null"):
+        SlideModule("test_resnet", "gma", "binary", freeze_encoder=True, layer_decay=0.75)

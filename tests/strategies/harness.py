@@ -66,6 +66,7 @@ class Scenario:
     channels_last: bool = False
     freeze_batchnorm: bool = True
     freeze_encoder: bool = False
+    lora: dict[str, Any] | None = None  # SlideModule's `lora`: adapters on the encoder
     tiny_slide: bool = True  # add a 2-tile slide (a rank of 3 holds none)
     evaluate_only: bool = False  # no fit: validate and predict a module initialised per rank
     # (rank, world size): that rank's loader drops the last tile of its shard, as a dataset that
@@ -131,6 +132,7 @@ def build_module(scenario: Scenario, rank: int = 0) -> SlideModule:
         channels_last=scenario.channels_last,
         freeze_batchnorm=scenario.freeze_batchnorm,
         freeze_encoder=scenario.freeze_encoder,
+        lora=scenario.lora,
     )
     module.split_like = scenario.split_like
     return module

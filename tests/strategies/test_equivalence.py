@@ -28,6 +28,7 @@ from lightning_wsi.data import make_synthetic_dataset
 PARTS = ("encoder", "aggregator")
 WORLDS = ("1-chunked", "2", "3", "2-chunked", "3-chunked")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+VIT_LORA = {"rank": 4, "alpha": 8, "targets": ["qkv", "proj", "fc1", "fc2"]}
 
 # (precision, ranks, clip, accumulate, channels_last, chunk): a pairwise covering array. The
 # float16 cell on 3 ranks is NCHW: with channels-last, float16 CPU kernels turn the float32
@@ -73,6 +74,9 @@ def _scenarios(manifest: Path) -> list[Scenario]:
         Scenario("gma-sgd", optimizer="sgd"),
         Scenario("transformer-adamw", aggregator="transformer"),
         Scenario("transformer-sgd", aggregator="transformer", optimizer="sgd"),
+        # LoRA adapters on a ViT: only they (and the aggregator) train, and their gradients are
+        # summed over ranks like any encoder parameter's.
+        Scenario("vit-lora", encoder="test_vit", encoder_kwargs={"img_size": 32}, lora=VIT_LORA),
         # Accumulation (the sync waits for the last micro-batch) and clipping (which must see
         # the summed gradient), with validation and prediction on every rank.
         Scenario(
@@ -173,6 +177,19 @@ def test_every_rank_ends_with_identical_parameters(runs, world: str) -> None:
             assert other["losses"] == rank0["losses"]  # the slide's loss, logged on every rank
             for n, p in rank0["final"].items():
                 assert torch.equal(p, other["final"][n]), (scenario.name, rank, n)
+
+
+@pytest.mark.parametrize("world", ["reference", "2", "2-chunked"])
+def test_lora_trains_only_the_adapters_on_any_number_of_ranks(runs, world: str) -> None:
+    root, _ = runs
+    result = load(root / world, "vit-lora")
+    initial, final = result["initial"], result["final"]
+    adapters = {n for n in final if ".lora_" in n}
+    assert len(adapters) == 6 * 4 * 2  # A and B on qkv, proj, fc1, fc2 of 6 blocks
+    for name in final:
+        if name.startswith("encoder.") and name not in adapters:
+            assert torch.equal(final[name], initial[name]), name  # frozen base weights
+    assert all(not torch.equal(final[n], initial[n]) for n in adapters)
 
 
 @pytest.mark.parametrize("world", ["2", "3-chunked"])
