@@ -94,7 +94,8 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     bad = [{"slide_id": b.slide_id, "status": "bad", "reason": b.reason}
            for b in datamodule.bad_slides]  # fmt: skip
-    write_predictions_csv(out / "predictions.csv", [*predictions, *bad])
+    edges = getattr(module.task, "bin_edges", None)  # a survival model's time bins
+    write_predictions_csv(out / "predictions.csv", [*predictions, *bad], bin_edges=edges)
     entries = {e.slide_id: e for split in datamodule.splits.values() for e in split}
     predicted = [p for p in predictions if p.get("status") != "dropped"]
     failures: list[tuple[str, str]] = []

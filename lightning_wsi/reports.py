@@ -294,26 +294,52 @@ def plot_loss_curve(metrics_csv: Path, path: Path) -> dict[str, list[tuple[int, 
 _PREDICTION_KEYS = ("probabilities", "prediction", "risk")  # what each task predicts
 
 
-def write_predictions_csv(path: Path, predictions: Sequence[Mapping[str, Any]]) -> None:
-    """One row per slide: id, status, target, prediction (probabilities or value), tiles used,
-    and why there is no prediction.
+def write_predictions_csv(
+    path: Path,
+    predictions: Sequence[Mapping[str, Any]],
+    bin_edges: Sequence[float] | None = None,
+) -> None:
+    """One row per slide: id, status, target, prediction (probabilities, value or risk), tiles
+    used, and why there is no prediction.
 
     ``status`` is ``ok``, or what a record without a prediction says (``dropped`` while reading,
-    ``bad`` at setup) with its ``reason``; such rows have empty cells and 0 tiles.
+    ``bad`` at setup) with its ``reason``; such rows have empty cells and 0 tiles. A survival
+    model's rows also hold its survival curve, one column per time bin: ``survival_to_<t>`` is
+    the probability of surviving past ``t`` (a bin's upper edge, from ``bin_edges``), and the last,
+    open-ended bin is ``survival_to_end``; without ``bin_edges`` the columns are
+    ``survival_bin<j>``.
     """
+    bins = max(
+        (len(p["survival"]) for p in predictions if p.get("survival") is not None), default=0
+    )
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide_id", "status", "target", "prediction", "n_tiles", "reason"])
+        writer.writerow([
+            "slide_id", "status", "target", "prediction", "n_tiles", "reason",
+            *_survival_columns(bins, bin_edges),
+        ])  # fmt: skip
         for p in predictions:
             value = next((p[k] for k in _PREDICTION_KEYS if p.get(k) is not None), None)
             value = value.tolist() if isinstance(value, torch.Tensor) else value
             target = p.get("target")
             target = target.tolist() if isinstance(target, torch.Tensor) else target
             coords = p.get("coords")
+            curve = p.get("survival")
+            curve = [] if curve is None else [f"{float(v):.6g}" for v in curve]
             writer.writerow([
                 p["slide_id"], p.get("status", "ok"), target, value,
                 0 if coords is None else len(coords), p.get("reason", ""),
+                *curve, *[""] * (bins - len(curve)),
             ])  # fmt: skip
+
+
+def _survival_columns(bins: int, edges: Sequence[float] | None) -> list[str]:
+    """Headers of a survival curve's ``bins`` columns, named by each bin's upper time edge."""
+    if not bins:
+        return []
+    if edges is None or len(edges) != bins + 1:
+        return [f"survival_bin{j}" for j in range(bins)]
+    return [f"survival_to_{e:g}" for e in edges[1:-1]] + ["survival_to_end"]
 
 
 def known_lesions(root: Path) -> dict[str, list[list[float]]]:

@@ -41,8 +41,8 @@ _TILE_UM = 112.0  # a 224 px tile at 0.5 µm/px; lesion sizes and tissue amounts
 # Macenko et al.'s reference H&E stain vectors (optical density per unit concentration).
 _H_OD = np.array([0.5626, 0.7201, 0.4062])
 _E_OD = np.array([0.2159, 0.8012, 0.5581])
-_FORMAT_VERSION = 2  # bump when the output changes, so cached datasets are regenerated
-# (2: survival columns time, event in the manifest)
+_FORMAT_VERSION = 3  # bump when the output changes, so cached datasets are regenerated
+# (2: survival columns time, event in the manifest; 3: a stronger survival signal)
 # Marks a lesions.json as ours: readers ignore any other lesions.json beside a manifest.
 LESIONS_FORMAT = "lightning-wsi/synthetic-lesions-v1"
 
@@ -472,10 +472,14 @@ def _upgrade_lesions(root: Path) -> None:
         return
 
 
-# Survival: months to the event follow an exponential law whose hazard grows with the lesion
-# burden (the number of lesions drawn); follow-up ends at a uniform censoring time.
-_BASE_HAZARD = 1 / 40  # per month, a slide without lesions: median survival about 28 months
-_HAZARD_PER_LESION = 0.6  # log hazard ratio per lesion
+# Survival: months to the event follow an exponential law whose hazard is higher for a slide with
+# lesions and grows with their number; follow-up ends at a uniform censoring time. The hazard
+# ratio of a positive slide to a negative one is exp(1.5 + 0.5 n), 6.7x to 33x for 1-4 lesions:
+# with the follow-up below, about 40% of negatives and nearly all positives have an event, and
+# ranking by the true hazard gives a C-index of about 0.78 (0.74 by the label alone).
+_BASE_HAZARD = 1 / 60  # per month, a slide without lesions: median survival about 42 months
+_POSITIVE_LOG_HAZARD = 1.5  # log hazard ratio of having lesions at all
+_HAZARD_PER_LESION = 0.5  # log hazard ratio per lesion
 _MAX_FOLLOW_UP = 60.0  # months
 
 
@@ -483,8 +487,8 @@ def synthetic_survival(seed: int, index: int, n_lesions: int) -> tuple[float, in
     """``(time, event)`` of synthetic slide ``index``: time depends on its lesion burden, and
     censoring at a random follow-up time. Deterministic in ``(seed, index, n_lesions)``."""
     rng = np.random.default_rng([seed, index, 17])
-    hazard = _BASE_HAZARD * math.exp(_HAZARD_PER_LESION * n_lesions)
-    event_time = rng.exponential(1 / hazard)
+    log_ratio = (_POSITIVE_LOG_HAZARD if n_lesions else 0.0) + _HAZARD_PER_LESION * n_lesions
+    event_time = rng.exponential(1 / (_BASE_HAZARD * math.exp(log_ratio)))
     follow_up = rng.uniform(0.2 * _MAX_FOLLOW_UP, _MAX_FOLLOW_UP)
     return round(float(min(event_time, follow_up)), 2), int(event_time <= follow_up)
 
