@@ -107,9 +107,23 @@ def _load_run(path: Path) -> dict[str, Any] | str:
         return f"is not a JSON object but a {type(run).__name__}"
     if "K" not in run:
         return "has no 'K' (tiles per slide): not a training run's summary"
-    if not _is_count(run["K"]):
-        return f"has 'K' {_shorten(repr(run['K']))}, not a positive integer"
+    if not _is_count(run["K"]) and _k(run["K"]) != ALL:
+        return f"has 'K' {_shorten(repr(run['K']))}, not a positive integer or 'all'"
     return run
+
+
+ALL = "all"  # K=all (or null): every tissue tile of each slide in training
+
+
+def _k(value: Any) -> int | str:
+    """A run's K as an int, or ``"all"`` for a run on every tile (``K=all`` or ``K=null``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == ALL):
+        return ALL
+    return int(value) if _is_count(value) else value
+
+
+def _k_order(k: int | str) -> float:
+    return math.inf if k == ALL else float(k)
 
 
 def _is_count(value: Any) -> bool:
@@ -152,11 +166,11 @@ def summarize(sweep: Path, runs: Sequence[dict[str, Any]] | None = None) -> list
 def _rows(
     runs: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS
 ) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int | str], list[dict]] = defaultdict(list)
     for run in runs:
-        groups[(_stratum(run), int(run["K"]))].append(run)
+        groups[(_stratum(run), _k(run["K"]))].append(run)
     rows = []
-    for (stratum, k), members in sorted(groups.items()):
+    for (stratum, k), members in sorted(groups.items(), key=lambda g: (g[0][0], _k_order(g[0][1]))):
         row: dict[str, Any] = {"stratum": stratum, "K": k, "runs": len(members)}
         for column in columns:
             keys = (column, f"{column} low", f"{column} high", f"{column} note")
@@ -242,12 +256,17 @@ def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COL
     intervals as error bars where a row has one; tick labels are plain numbers (no offset
     text above the axes, which overlapped the title when values barely differ)."""
     fig, axes = plt.subplots(1, len(columns), figsize=(13, 3.8), layout="constrained")
+    finite = [r["K"] for r in rows if r["K"] != ALL]
+    at_all = 2.0 * max(finite, default=1)  # where K=all runs sit: right of the largest K
     for stratum in sorted({r["stratum"] for r in rows}):
-        mine = sorted((r for r in rows if r["stratum"] == stratum), key=lambda r: r["K"])
+        mine = sorted((r for r in rows if r["stratum"] == stratum), key=lambda r: _k_order(r["K"]))
         for ax, column in zip(axes, columns, strict=True):
-            _plot_stratum(ax, mine, column, stratum)
+            _plot_stratum(ax, mine, column, stratum, at_all)
     for ax, column in zip(axes, columns, strict=True):
         ax.set_xscale("log", base=2)
+        if len(finite) < len(rows):
+            ticks = sorted(set(finite))
+            ax.set_xticks([*ticks, at_all], [*map(str, ticks), ALL])
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.set_xlabel("K (tiles per slide in training)")
         ax.set_title(f"{_TITLES[column]} (95% CI where given)", pad=8)
@@ -257,13 +276,16 @@ def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COL
     return fig
 
 
-def _plot_stratum(ax: Any, rows: list[dict[str, Any]], column: str, label: str) -> None:
+def _plot_stratum(
+    ax: Any, rows: list[dict[str, Any]], column: str, label: str, at_all: float
+) -> None:
     """One stratum's line; a point without an interval gets no error bar (not a zero one)."""
     values = np.array([r[column] for r in rows], dtype=float)
     low = np.array([r[f"{column} low"] for r in rows], dtype=float)
     high = np.array([r[f"{column} high"] for r in rows], dtype=float)
     errors = np.stack([values - low, high - values]).clip(min=0)  # NaN stays: no bar
-    ax.errorbar([r["K"] for r in rows], values, yerr=errors, marker="o", capsize=3, label=label)
+    ks = [at_all if r["K"] == ALL else r["K"] for r in rows]
+    ax.errorbar(ks, values, yerr=errors, marker="o", capsize=3, label=label)
 
 
 def _cell(value: float, spec: str) -> str:

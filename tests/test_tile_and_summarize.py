@@ -183,7 +183,7 @@ def test_summarize_skips_bad_files_by_name_and_counts_the_runs(tmp_path, capsys)
         "list": ("[1, 2]", "is not a JSON object but a list"),
         "no_k": ('{"val/loss": 0.5}', "has no 'K' (tiles per slide): not a training run's "
                  "summary"),
-        "text_k": ('{"K": "8"}', "has 'K' '8', not a positive integer"),
+        "text_k": ('{"K": "8"}', "has 'K' '8', not a positive integer or 'all'"),
     }  # fmt: skip
     paths = {name: _run(tmp_path, name, text) for name, (text, _) in bad.items()}
     (tmp_path / "folder" / "summary.json").mkdir(parents=True)
@@ -346,3 +346,13 @@ def test_summarize_keeps_each_way_of_tuning_in_its_own_stratum(tmp_path):
         "1 device, no chunking, end to end (llrd)": 1,
         "1 device, no chunking, frozen encoder": 2,
     }
+
+
+def test_summarize_puts_k_all_runs_after_every_k(tmp_path):
+    runs = [
+        {**_BASE, "K": k, **_metrics(0.5, 0.6, auroc)}
+        for k, auroc in [(8, 0.6), ("all", 0.9), (64, 0.7), (None, 0.8), (8, 0.7)]
+    ]
+    rows = summarize.summarize(tmp_path, runs)
+    assert [(r["K"], r["runs"]) for r in rows] == [(8, 2), (64, 1), ("all", 2)]
+    assert (tmp_path / "k_sweep.png").stat().st_size > 0

@@ -69,7 +69,9 @@ class SlideDataModule(LightningDataModule):
     Args:
         manifest: CSV with ``slide_id``, ``path`` (relative to the CSV's folder or absolute),
             ``label``, optional ``split`` (train/val/test) and ``mpp``.
-        k: tiles per slide in training.
+        k: tiles per slide in training; ``None`` or ``"all"``: every tissue tile of the slide
+            in every step (in a fixed order, with the training augmentation), so memory then
+            grows with the slide unless ``encode_chunk_size`` caches gradients.
         mpp: microns per pixel of the tiles (0.5 = 20x).
         tile_size: tile side in pixels.
         eval_k: cap on tiles per slide in evaluation; ``None`` takes all.
@@ -127,7 +129,7 @@ class SlideDataModule(LightningDataModule):
     def __init__(
         self,
         manifest: str | os.PathLike,
-        k: int = 64,
+        k: int | Literal["all"] | None = 64,
         mpp: float = 0.5,
         tile_size: int = 224,
         *,
@@ -170,8 +172,9 @@ class SlideDataModule(LightningDataModule):
                 self.hparams[key] = str(self.hparams[key])
         if on_bad_slide not in ("raise", "skip"):
             raise ValueError(f"on_bad_slide must be 'raise' or 'skip', got {on_bad_slide!r}")
-        if k < 1 or (eval_k is not None and eval_k < 1):
-            raise ValueError(f"k and eval_k must be >= 1, got k={k}, eval_k={eval_k}")
+        k = _tiles_per_slide(k)
+        if eval_k is not None and eval_k < 1:
+            raise ValueError(f"eval_k must be >= 1 or None (all tiles), got eval_k={eval_k}")
         check_tiling_params(mpp, tile_size, min_tissue_fraction)  # before any slide is read
         self.manifest = Path(manifest)
         self.k, self.eval_k, self.mpp, self.tile_size = k, eval_k, mpp, tile_size
@@ -473,7 +476,7 @@ class SlideDataModule(LightningDataModule):
         dataset = SlideDataset(
             slides,
             k=self.k if train else None,
-            eval_k=self.eval_k,
+            eval_k=None if train else self.eval_k,  # k=None in training: every tile, uncapped
             seed=self.seed,
             shard_rank=rank if slide_parallel else 0,
             shard_count=world if slide_parallel else 1,
@@ -548,6 +551,18 @@ def _no_tissue(tiles: SlideTiles, dm: SlideDataModule) -> str:
         f"{dm.mpp} mpp = {tiles.tile_size_level0} level-0 px on a {tiles.dimensions[0]}x"
         f"{tiles.dimensions[1]} slide at {tiles.slide_mpp} mpp)"
     )
+
+
+def _tiles_per_slide(k: object) -> int | None:
+    """``k`` as an int >= 1, or ``None`` for every tissue tile (``None`` or ``"all"``)."""
+    if k is None or (isinstance(k, str) and k.strip().lower() == "all"):
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(
+            f"k (K in the training config) must be an integer >= 1, or 'all' (every tissue "
+            f"tile), got {k!r}"
+        )
+    return k
 
 
 def _normalisation(

@@ -62,6 +62,20 @@ def test_works_without_a_trainer_as_one_process_epoch_zero(cohort):
     assert len(list(dm.predict_dataloader())) == 8
 
 
+@pytest.mark.parametrize("k", ["all", None])
+def test_k_all_trains_on_every_tissue_tile_whatever_eval_k(cohort, k):
+    dm = SlideDataModule(
+        _manifest(cohort, _good_rows()), k=k, eval_k=4, progress=False, num_workers=0, **SMALL
+    )
+    dm.setup("fit")
+    for batch in dm.train_dataloader():  # all 12 tiles every step, each once; eval_k caps eval
+        assert len(batch["tiles"]) == 12 and len({tuple(c) for c in batch["coords"].tolist()}) == 12
+    assert all(len(b["tiles"]) == 4 for b in dm.val_dataloader())
+    for bad in (0, -3, "most", 2.5, True):
+        with pytest.raises(ValueError, match=r"k \(K in the training config\) must be an integer"):
+            SlideDataModule(_manifest(cohort, _good_rows()), k=bad, progress=False, **SMALL)
+
+
 def test_split_seed_and_manifest_split_column(cohort):
     def val_ids(**kwargs):
         dm = SlideDataModule(_manifest(cohort, _good_rows()), progress=False, **SMALL, **kwargs)
