@@ -36,7 +36,7 @@ from lightning_wsi.data.processes import worker_context
 from lightning_wsi.data.sampling import SlideSampler
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles, check_tiling_params
-from lightning_wsi.data.transfer import normalize_tiles
+from lightning_wsi.data.transfer import jitter_tiles, normalize_tiles
 
 __all__ = ["BadSlideError", "SlideDataModule"]
 
@@ -515,7 +515,17 @@ class SlideDataModule(LightningDataModule):
         """On the device: uint8 tiles become normalised float (and colour-jittered in training).
 
         Without a Trainer, call it on a loaded batch to get what the model sees.
+
+        A module that normalises its own uint8 input (``SlideModule``: its
+        ``set_tile_normalisation``) under this data module's Trainer gets the tiles as uint8
+        (jittered in chunks) and this module's mean and std: they become float a chunk at a time
+        where they are encoded, so a slide's tiles take a quarter of the device memory.
         """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        takes_uint8 = getattr(module, "set_tile_normalisation", None)
+        if callable(takes_uint8):
+            takes_uint8(self.mean, self.std)
+            return jitter_tiles(batch)
         return normalize_tiles(batch, self.mean, self.std)
 
     @override

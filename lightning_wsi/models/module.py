@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from typing_extensions import override
 
 from lightning_wsi.data.problems import dropped_prediction
+from lightning_wsi.data.transfer import normalize
 from lightning_wsi.models.aggregators import AggregatorOutput, build_aggregator
 from lightning_wsi.models.encoders import build_encoder, encoder_feature_dim
 from lightning_wsi.models.lora import apply_lora, lora_options
@@ -173,6 +174,7 @@ class SlideModule(L.LightningModule):
         self.freeze_encoder = freeze_encoder
         self.channels_last = channels_last
         self.eval_chunk_size = eval_chunk_size
+        self.tile_normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.val_metrics = MetricCollection(self.task.metrics(), prefix="val/")
         self.test_metrics = MetricCollection(self.task.metrics(), prefix="test/")
 
@@ -185,11 +187,14 @@ class SlideModule(L.LightningModule):
                 f"Expected `tiles` of shape [k, 3, H, W] (one slide per batch: use "
                 f"DataLoader(batch_size=None)), got {tuple(tiles.shape)}."
             )
+        if tiles.dtype == torch.uint8 and self.tile_normalisation is not None:
+            tiles = normalize(tiles, *self.tile_normalisation)  # this chunk only
         if not tiles.is_floating_point():
             raise ValueError(
                 f"Expected normalised float tiles, got {tiles.dtype}: SlideDataModule sends uint8 "
                 "tiles and normalises them in `on_after_batch_transfer`, which the Trainer calls; "
-                "without a Trainer call `datamodule.on_after_batch_transfer(batch, 0)` first."
+                "without a Trainer call `datamodule.on_after_batch_transfer(batch, 0)` first, or "
+                "module.set_tile_normalisation(mean, std) to pass uint8 tiles."
             )
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
@@ -200,6 +205,15 @@ class SlideModule(L.LightningModule):
                 f"got {tuple(features.shape)}."
             )
         return features
+
+    def set_tile_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise uint8 tiles in :meth:`encode`, a chunk at a time, with this mean and std
+        (per channel, for pixels in [0, 1]). ``SlideDataModule`` calls it under a Trainer and
+        then hands over uint8 tiles, so a slide's tiles stay 1 byte per value on the device."""
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {mean} and {std}")
+        self.tile_normalisation = (mean, std)
 
     @torch.no_grad()
     def encode_in_chunks(self, tiles: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

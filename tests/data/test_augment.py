@@ -46,3 +46,24 @@ def test_neutral_jitter_is_identity_and_jitter_changes_colour():
 def test_jitter_strength_is_validated():
     with pytest.raises(ValueError, match="color_jitter"):
         TileAugment(color_jitter=1.5)
+
+
+def test_jitter_in_chunks_keeps_uint8_and_rounds_the_float_jitter():
+    from lightning_wsi.data.transfer import jitter_tiles, normalize, normalize_tiles
+
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    tiles = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    factors = torch.stack([
+        torch.empty(7).uniform_(0.7, 1.3, generator=gen) for _ in range(3)
+    ] + [torch.empty(7).uniform_(-0.05, 0.05, generator=gen)], dim=1)  # fmt: skip
+    out = jitter_tiles({"tiles": tiles, "color_jitter": factors, "slide_id": "s"}, chunk=3)
+    assert out["tiles"].dtype == torch.uint8 and "color_jitter" not in out
+    expected = color_jitter(tiles.float() / 255, factors).mul(255).round().to(torch.uint8)
+    assert torch.equal(out["tiles"], expected)  # chunks of 3 = the whole slide at once
+    assert out["slide_id"] == "s"
+    plain = jitter_tiles({"tiles": tiles})["tiles"]
+    assert plain is tiles  # nothing to jitter: no copy
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    assert torch.equal(
+        normalize(tiles, mean, std), normalize_tiles({"tiles": tiles}, mean, std)["tiles"]
+    )

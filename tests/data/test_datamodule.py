@@ -269,3 +269,38 @@ def test_ranks_under_a_real_trainer(cohort, tmp_path, slide_parallel):
         ids = [[s[1] for s in r if s[0] == 0] for r in ranks]
         assert not set(ids[0]) & set(ids[1]) and len(ids[0]) == len(ids[1]) == 3
         assert all(len(s[2]) == 7 for r in ranks for s in r)
+
+
+def test_slide_modules_get_uint8_tiles_other_modules_normalised_float(cohort):
+    from lightning_wsi import SlideModule
+    from lightning_wsi.data.transfer import normalize
+
+    class Plain(L.LightningModule):  # a user's own module: sees float tiles, as always
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.head(batch["tiles"].mean(dim=(0, 2, 3))).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen[type(module).__name__] = batch["tiles"].clone()
+
+    dm = SlideDataModule(_manifest(cohort, _good_rows()), k=5, progress=False, **SMALL)
+    for module in (SlideModule("test_resnet", "mean", "binary"), Plain()):
+        L.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()],
+            limit_val_batches=0,
+        ).fit(module, dm)  # fmt: skip
+    slide_tiles, plain_tiles = seen["SlideModule"], seen["Plain"]
+    assert slide_tiles.dtype == torch.uint8 and plain_tiles.dtype == torch.float32
+    # The same first batch: the module normalises it chunk by chunk exactly as the data module
+    # would have normalised it whole.
+    assert torch.equal(normalize(slide_tiles, dm.mean, dm.std), plain_tiles)

@@ -237,8 +237,19 @@ def test_wrong_inputs_name_the_fix() -> None:
     module = _module()
     with pytest.raises(ValueError, match="batch_size=None"):
         module.encode(torch.randn(2, 4, 3, 32, 32))
-    with pytest.raises(ValueError, match="normalise"):
+    with pytest.raises(ValueError, match=r"normalise.*or module.set_tile_normalisation"):
         module.encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mean and std need 3 values each"):
+        module.set_tile_normalisation((0.5, 0.5), (0.2, 0.2, 0.2))
+    module.eval()
+    module.set_tile_normalisation((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    tiles = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    floats = (tiles / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor(
+        [0.2, 0.25, 0.3]
+    ).view(3, 1, 1)
+    with torch.no_grad():  # uint8 tiles are normalised in the chunk that encodes them
+        assert torch.allclose(module.encode(tiles), module.encode(floats), atol=1e-5)
+        assert torch.allclose(module.encode_in_chunks(tiles, 2), module.encode(floats), atol=1e-5)
     with pytest.raises(ValueError, match="logits of shape"):
         three_logits = SlideModule("test_resnet", _LinearOnMean(96, 3), "binary")
         three_logits.aggregate(torch.randn(4, 96))
