@@ -258,3 +258,16 @@ def test_a_fixed_size_encoder_preset_with_another_tile_size_is_one_line() -> Non
             check_tile_size(fixed)
         check_tile_size(compose("train", overrides=["encoder=h_optimus_0", "tile_size=224"]))
         check_tile_size(compose("train", overrides=["encoder=uni"]))  # dynamic_img_size: true
+
+
+def test_slide_group_size_is_one_top_level_key() -> None:
+    with initialize_config_module("lightning_wsi.conf", version_base="1.3"):
+        for strategy in ("slide_parallel", "slide_parallel_chunked"):
+            cfg = compose("train", overrides=[f"strategy={strategy}", "slide_group_size=2"])
+            assert cfg.trainer.strategy.slide_group_size == 2
+            assert (
+                compose("train", overrides=[f"strategy={strategy}"]).trainer.strategy[
+                    "slide_group_size"
+                ]
+                is None
+            )

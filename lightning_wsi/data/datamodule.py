@@ -33,7 +33,7 @@ from lightning_wsi.data.problems import (
     ProblemRecorder,
 )
 from lightning_wsi.data.processes import worker_context
-from lightning_wsi.data.sampling import SlideSampler
+from lightning_wsi.data.sampling import SlideSampler, slide_group
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles, check_tiling_params
 from lightning_wsi.data.transfer import jitter_tiles, normalize_tiles
@@ -60,11 +60,12 @@ class SlideDataModule(LightningDataModule):
     in :attr:`bad_slides`.
 
     In training, each slide contributes K tiles sampled from ``(seed, epoch, slide)``; under a
-    slide-parallel strategy (one whose ``slide_parallel`` attribute is true) every rank gets the
-    same slides in the same order and reads only its contiguous shard of the K tiles; under any
-    other multi-process strategy the ranks split the slides. Evaluation takes all tiles of a
-    slide (or ``eval_k`` spread evenly), in a fixed order. Without a Trainer it behaves as world
-    size 1, epoch 0, as in a notebook.
+    slide-parallel strategy (one whose ``slide_parallel`` attribute is true) every rank of a
+    slide group (all ranks, unless the strategy's ``slide_group_size`` says fewer) gets the same
+    slides in the same order and reads only its contiguous shard of the K tiles, and groups
+    split the slides; under any other multi-process strategy the ranks split the slides.
+    Evaluation takes all tiles of a slide (or ``eval_k`` spread evenly), in a fixed order.
+    Without a Trainer it behaves as world size 1, epoch 0, as in a notebook.
 
     Args:
         manifest: CSV with ``slide_id``, ``path`` (relative to the CSV's folder or absolute),
@@ -447,16 +448,21 @@ class SlideDataModule(LightningDataModule):
             )
 
     # ------------------------------------------------------------------------- loaders
-    def _placement(self) -> tuple[int, int, bool]:
-        """(rank, world size, slide parallel) from the attached trainer, or a lone process."""
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, world size, ranks per slide) from the attached trainer, or a lone process.
+
+        Under a slide-parallel strategy (``slide_parallel`` true) groups of its
+        ``slide_group_size`` ranks share a slide (``None``: all ranks); under any other
+        strategy every rank has its own slides (groups of one).
+        """
         trainer = self.trainer
         if trainer is None:
-            return 0, 1, False
-        return (
-            trainer.global_rank,
-            trainer.world_size,
-            bool(getattr(trainer.strategy, "slide_parallel", False)),
-        )
+            return 0, 1, 1
+        rank, world, strategy = trainer.global_rank, trainer.world_size, trainer.strategy
+        if not getattr(strategy, "slide_parallel", False):
+            return rank, world, 1
+        size = getattr(strategy, "slide_group_size", None)
+        return rank, world, world if size is None else size
 
     def _epoch(self) -> int:
         trainer = self.trainer
@@ -472,14 +478,22 @@ class SlideDataModule(LightningDataModule):
             slides = self.splits[split]
         if not slides:
             raise ManifestError(f"split {split!r} of manifest {self.manifest} has no usable slide")
-        rank, world, slide_parallel = self._placement()
+        rank, world, group_size = self._placement()
+        group = slide_group(rank, world, group_size)  # its slides, and its shard of their tiles
+        if not train and len(slides) < group.count:  # a group without a slide would skip the
+            raise ManifestError(  # loop's end, where the others gather metrics: a hang
+                f"split {split or 'predict'!r} of manifest {self.manifest} has {len(slides)} "
+                f"slides, fewer than the {group.count} groups of ranks that evaluate slides side "
+                f"by side ({world} ranks, {group.size} per slide); every group needs one: use "
+                "fewer groups (a larger strategy.slide_group_size) or more slides"
+            )
         dataset = SlideDataset(
             slides,
             k=self.k if train else None,
             eval_k=None if train else self.eval_k,  # k=None in training: every tile, uncapped
             seed=self.seed,
-            shard_rank=rank if slide_parallel else 0,
-            shard_count=world if slide_parallel else 1,
+            shard_rank=group.rank,
+            shard_count=group.size,
             augment=self.augment if train else None,
             max_bad_tile_fraction=self.max_bad_tile_fraction,
         )
@@ -494,7 +508,7 @@ class SlideDataModule(LightningDataModule):
             seed=self.seed,
             num_replicas=world,
             rank=rank,
-            split_slides=not slide_parallel and world > 1,
+            group_size=group_size,
             pad=train,
             epoch_source=self._epoch if train and self.trainer is not None else None,
             dropped_source=dropped,

@@ -289,8 +289,14 @@ class ProblemRecorder(Callback):
             print(self.problems.summary_line())
 
     def _merge_ranks(self, trainer: L.Trainer) -> None:
-        """Data-parallel ranks each saw their own slides: give every rank every record."""
-        if trainer.world_size == 1 or getattr(trainer.strategy, "slide_parallel", False):
+        """Ranks that saw different slides (data parallel, or several slide groups): give every
+        rank every record. One slide-parallel group saw the same slides on every rank."""
+        strategy = trainer.strategy
+        group = getattr(strategy, "slide_group", None)
+        one_group = getattr(strategy, "slide_parallel", False) and (
+            group is None or group.count == 1
+        )
+        if trainer.world_size == 1 or one_group:
             return
         if not (dist.is_available() and dist.is_initialized()):
             return

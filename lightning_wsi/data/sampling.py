@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import DistributedSampler
 
 __all__ = [
+    "SlideGroup",
     "SlideSampler",
     "eval_tile_indices",
     "sample_tile_indices",
     "shard_bounds",
+    "slide_group",
     "slide_key",
     "tile_rng",
 ]
@@ -71,6 +74,54 @@ def shard_bounds(k: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+@dataclass(frozen=True)
+class SlideGroup:
+    """Where a rank sits among the groups of ranks that share one slide per step.
+
+    ``world_size`` ranks form ``count = world_size / size`` groups of ``size`` consecutive ranks
+    (on a cluster, a group of 8 is a node). Group ``index`` trains the slides ``index``,
+    ``index + count``, ... of the epoch's order; its rank ``rank`` reads and encodes shard
+    ``rank`` of each slide's tiles, and its rank 0 aggregates.
+    """
+
+    index: int
+    count: int
+    rank: int
+    size: int
+
+    @property
+    def leader(self) -> int:
+        """Global rank of the group's rank 0, which aggregates its slide."""
+        return self.index * self.size
+
+    @property
+    def ranks(self) -> list[int]:
+        """Global ranks of the group, in shard order."""
+        return list(range(self.leader, self.leader + self.size))
+
+
+def slide_group(rank: int, world_size: int, group_size: int | None = None) -> SlideGroup:
+    """The group of ``rank`` when groups of ``group_size`` ranks share a slide.
+
+    ``group_size=None`` is one group of all ranks (every rank gets every slide); ``1`` is plain
+    slide data parallelism (every rank its own slides).
+
+    Raises:
+        ValueError: ``group_size`` is not a positive divisor of ``world_size``.
+    """
+    size = world_size if group_size is None else group_size
+    valid = isinstance(size, int) and not isinstance(size, bool) and size >= 1
+    if not valid or world_size % size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"strategy.slide_group_size={group_size!r} must divide the world size {world_size} "
+            f"(devices x nodes): use one of {divisors}, or null for one group of all ranks."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    return SlideGroup(rank // size, world_size // size, rank % size, size)
+
+
 def tile_rng(seed: int, epoch: int, slide_id: str, tile_index: int) -> np.random.Generator:
     """The augmentation randomness of one tile: same tile, same epoch, same draw, on any rank."""
     return np.random.default_rng([seed, epoch, slide_key(slide_id), _AUGMENT_STREAM, tile_index])
@@ -79,12 +130,19 @@ def tile_rng(seed: int, epoch: int, slide_id: str, tile_index: int) -> np.random
 class SlideSampler(DistributedSampler):
     """Slide order for one rank; yields ``(slide_index, epoch)`` so the dataset needs no state.
 
-    Two modes, chosen by the data module from the strategy:
+    Ranks form groups of ``group_size`` that share a slide (``slide_group``); chosen by the data
+    module from the strategy:
 
-    * slide parallel (``split_slides=False``): every rank gets every slide in the same order;
-      the dataset loads only the rank's shard of each slide's tiles.
-    * data parallel (``split_slides=True``): ranks split the slides, as ``DistributedSampler``
-      does; in training the order is padded by repeating slides so every rank steps equally.
+    * slide parallel (one group, ``split_slides=False``): every rank gets every slide in the same
+      order; the dataset loads only the rank's shard of each slide's tiles.
+    * data parallel (groups of one, ``split_slides=True``): ranks split the slides, as
+      ``DistributedSampler`` does.
+    * groups of ``group_size`` ranks: group g gets the slides g, g + G, g + 2G, ... of the epoch's
+      order (G groups), every rank of the group the same ones. Given the group size the order is
+      independent of the world size: step s trains the G consecutive slides sG .. sG + G - 1.
+
+    With more than one group, the training order is padded by repeating slides from its start so
+    every group steps equally; evaluation orders are not padded (every slide once).
 
     It subclasses ``DistributedSampler`` so Lightning leaves it in place instead of injecting
     its own. The epoch is taken from ``epoch_source`` when given (the trainer's progress): with
@@ -97,12 +155,13 @@ class SlideSampler(DistributedSampler):
         seed: the run's data seed.
         num_replicas: world size.
         rank: this process's global rank.
-        split_slides: data-parallel mode (see above).
-        pad: repeat slides so all ranks get the same count (training in data-parallel mode).
+        split_slides: data-parallel mode (see above); ignored when ``group_size`` is given.
+        pad: repeat slides so all groups get the same count (training with several groups).
         epoch_source: returns the current epoch; overrides ``set_epoch``.
         dropped_source: returns ``{slide_index: reason}`` of slides dropped earlier in the run;
             they keep their place in the order (every rank steps equally) but are yielded as
             ``(slide_index, epoch, reason)``, which the dataset answers without reading them.
+        group_size: ranks per slide group (see above); must divide ``num_replicas``.
     """
 
     def __init__(
@@ -117,6 +176,7 @@ class SlideSampler(DistributedSampler):
         pad: bool = False,
         epoch_source: Callable[[], int] | None = None,
         dropped_source: Callable[[], Mapping[int, str]] | None = None,
+        group_size: int | None = None,
     ) -> None:
         # DistributedSampler.__init__ needs a dataset and maybe a process group; set its fields.
         self.n_slides = n_slides
@@ -130,23 +190,27 @@ class SlideSampler(DistributedSampler):
         self.epoch_source = epoch_source
         self.dropped_source = dropped_source
         self.drop_last = False
+        if group_size is None:
+            group_size = 1 if split_slides else num_replicas
+        self.group = slide_group(rank, num_replicas, group_size)
 
     def current_epoch(self) -> int:
         return int(self.epoch_source()) if self.epoch_source is not None else self.epoch
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's slide indices for ``epoch``."""
+        """This rank's slide indices for ``epoch``: its group's share of the epoch's order."""
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, _ORDER_STREAM])
             order = rng.permutation(self.n_slides)
         else:
             order = np.arange(self.n_slides)
-        if not self.split_slides or self.num_replicas == 1:
+        groups = self.group.count
+        if groups == 1:
             return order
-        if self.pad and len(order) % self.num_replicas:
-            missing = self.num_replicas - len(order) % self.num_replicas
+        if self.pad and len(order) % groups:
+            missing = groups - len(order) % groups
             order = np.concatenate([order, np.resize(order, missing)])
-        return order[self.rank :: self.num_replicas]
+        return order[self.group.index :: groups]
 
     def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, str]]:
         epoch = self.current_epoch()

@@ -256,7 +256,12 @@ class SlideModule(L.LightningModule):
             raise ValueError(f"Expected `stage` in {list(_STAGES)}, got {stage!r}.")
         target = self._target(batch, output)
         loss = self.task.loss(output.logits, target)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+        # sync_dist: under slide groups (or data parallel) each rank's epoch mean covers other
+        # slides; with one slide-parallel group it averages equal values.
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1,
+            sync_dist=True,
+        )  # fmt: skip
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(*self.task.metric_inputs(output.logits, target))
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)

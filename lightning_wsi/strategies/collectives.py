@@ -3,6 +3,9 @@
 Shards of one slide differ in size (K not divisible by the world size, a slide with fewer tiles
 than K), so rows are padded to the largest shard for the collective and cut back after it. Every
 function here is a collective: all ranks of the group must call it, in the same order.
+
+``group`` is the process group of the ranks sharing the slide (``None``: the world); ranks, sources
+and destinations are counted within it, so its rank 0 aggregates.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ __all__ = [
     "broadcast_output",
     "exchange_shard_info",
     "gather_rows",
+    "interleave",
+    "interleave_group_outputs",
     "scatter_rows",
 ]
 
@@ -158,50 +163,70 @@ def _padded(rows: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def gather_rows(rows: torch.Tensor, info: ShardInfo, dst: int = 0) -> torch.Tensor | None:
-    """Concatenate every rank's ``rows`` ``[n_r, ...]`` on rank ``dst`` in rank order.
+def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
+    """The world rank of ``group``'s rank ``group_rank`` (what torch's ``src``/``dst`` take)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def gather_rows(
+    rows: torch.Tensor, info: ShardInfo, dst: int = 0, group: dist.ProcessGroup | None = None
+) -> torch.Tensor | None:
+    """Concatenate every rank's ``rows`` ``[n_r, ...]`` on rank ``dst`` (of ``group``) in rank
+    order.
 
     Returns:
         ``[sum n_r, ...]`` on ``dst``, ``None`` elsewhere.
     """
     padded = _padded(rows, info.largest)
-    if dist.get_rank() != dst:
-        dist.gather(padded, None, dst=dst)
+    target = _global_rank(dst, group)
+    if dist.get_rank(group) != dst:
+        dist.gather(padded, None, dst=target, group=group)
         return None
     buffers = [torch.empty_like(padded) for _ in info.sizes]
-    dist.gather(padded, buffers, dst=dst)
+    dist.gather(padded, buffers, dst=target, group=group)
     return torch.cat([b[:n] for b, n in zip(buffers, info.sizes, strict=True)])
 
 
-def all_gather_rows(rows: torch.Tensor, info: ShardInfo) -> torch.Tensor:
-    """Concatenate every rank's ``rows`` ``[n_r, ...]`` on every rank, in rank order."""
+def all_gather_rows(
+    rows: torch.Tensor, info: ShardInfo, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` ``[n_r, ...]`` on every rank of ``group``, in rank
+    order."""
     padded = _padded(rows, info.largest)
     buffers = [torch.empty_like(padded) for _ in info.sizes]
-    dist.all_gather(buffers, padded)
+    dist.all_gather(buffers, padded, group=group)
     return torch.cat([b[:n] for b, n in zip(buffers, info.sizes, strict=True)])
 
 
 def scatter_rows(
-    full: torch.Tensor | None, info: ShardInfo, like: torch.Tensor, src: int = 0
+    full: torch.Tensor | None,
+    info: ShardInfo,
+    like: torch.Tensor,
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Split ``full`` ``[sum n_r, ...]`` on rank ``src`` by shard and send rank r its rows.
+    """Split ``full`` ``[sum n_r, ...]`` on rank ``src`` (of ``group``) by shard and send rank r
+    its rows.
 
     Args:
         full: The rows to split, on ``src``; ignored elsewhere.
         info: Shard sizes.
         like: A tensor with this rank's trailing shape, dtype and device.
+        src: The sending rank, counted in ``group``.
+        group: The ranks sharing the slide (``None``: the world).
 
     Returns:
         This rank's ``[n_r, ...]`` rows.
     """
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
     out = like.new_empty((info.largest, *like.shape[1:]))
+    source = _global_rank(src, group)
     if rank == src:
         assert full is not None
         pieces = [_padded(p, info.largest) for p in full.split(info.sizes)]
-        dist.scatter(out, pieces, src=src)
+        dist.scatter(out, pieces, src=source, group=group)
     else:
-        dist.scatter(out, None, src=src)
+        dist.scatter(out, None, src=source, group=group)
     return out[: info.sizes[rank]]
 
 
@@ -218,8 +243,10 @@ def broadcast_output(
     *,
     error: str | None = None,
     host_group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[Any, str | None]:
-    """Rank 0's output (any nesting of tensors, dataclasses, mappings, sequences) on every rank.
+    """Rank 0's output (any nesting of tensors, dataclasses, mappings, sequences) on every rank
+    of ``group``.
 
     The structure, with shapes and dtypes in place of tensors, goes over ``host_group`` as a small
     pickled object together with rank 0's error, if any; the values follow as one device
@@ -229,7 +256,8 @@ def broadcast_output(
         output: Rank 0's output; ignored elsewhere.
         device: Where the values arrive on every rank.
         error: Rank 0's error message, if its step failed (``output`` is then ignored).
-        host_group: The host process group for the structure.
+        host_group: The host process group for the structure (the same ranks as ``group``).
+        group: The ranks sharing the slide, for the values (``None``: the world).
 
     Returns:
         The output on this rank's device (``None`` if rank 0 failed) and rank 0's error.
@@ -240,12 +268,13 @@ def broadcast_output(
         tensors.append(t)
         return _Slot(len(tensors) - 1)
 
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
+    source = _global_rank(0, group)
     meta: list[Any] = [None]
     if rank == 0:
         skeleton = apply_to_collection(output, torch.Tensor, slot) if error is None else None
         meta = [(error, skeleton, [(tuple(t.shape), t.dtype) for t in tensors])]
-    dist.broadcast_object_list(meta, src=0, group=host_group)
+    dist.broadcast_object_list(meta, src=source, group=host_group)
     error, skeleton, specs = meta[0]
     if error is not None:
         return None, error
@@ -257,7 +286,38 @@ def broadcast_output(
             flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in members])
         else:
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-        dist.broadcast(flat, src=0)
+        dist.broadcast(flat, src=source, group=group)
         for i, piece in zip(members, flat.split(sizes), strict=True):
             values[i] = piece.view(specs[i][0])
     return apply_to_collection(skeleton, _Slot, lambda s: values[s.index]), None
+
+
+def interleave_group_outputs(
+    outputs: list[Any], count: int, leads: bool, host_group: dist.ProcessGroup | None
+) -> list[Any]:
+    """Every slide group's per-slide outputs on every rank, in the order of the slides.
+
+    Group ``g`` of ``count`` evaluated the slides ``g, g + count, ...``, so its ``i``-th output
+    is slide ``i * count + g``. One all-gather of pickled objects over the world's
+    ``host_group``; only each group's rank 0 (``leads``) sends its list, the others nothing.
+
+    Args:
+        outputs: This rank's outputs (host objects, e.g. CPU predictions), in its order.
+        count: Number of groups.
+        leads: This rank is its group's rank 0.
+        host_group: A world-wide group that carries host objects (gloo).
+    """
+    everyone: list[Any] = [None] * dist.get_world_size(host_group)
+    dist.all_gather_object(everyone, outputs if leads else None, group=host_group)
+    lists = [part for part in everyone if part is not None]
+    if len(lists) != count:
+        raise RuntimeError(f"Expected outputs from {count} slide groups, got {len(lists)}.")
+    return interleave(lists)
+
+
+def interleave(lists: Sequence[Sequence[Any]]) -> list[Any]:
+    """``lists[0][0], lists[1][0], ..., lists[0][1], lists[1][1], ...``: the items of groups that
+    took every ``len(lists)``-th item of one order, back in that order (the first groups may
+    hold one item more than the last)."""
+    longest = max((len(part) for part in lists), default=0)
+    return [part[i] for i in range(longest) for part in lists if i < len(part)]

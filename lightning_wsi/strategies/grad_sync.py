@@ -10,6 +10,12 @@ without tiles, or a parameter that gets no gradient, simply leaves its buckets t
 other parameters (the aggregator and head) have a gradient on rank 0 only, so their buckets are
 broadcast from rank 0: half the traffic of an all-reduce and bit-identical to rank 0's values.
 
+With groups of ranks training different slides in one step (``num_slides`` > 1, see
+``SlideParallelStrategy(slide_group_size=...)``), every bucket is SUM all-reduced over the world
+and divided by the number of slides: the encoder's gradient summed over a group is its slide's,
+the aggregator's exists on each group's rank 0 only (zeros elsewhere), so the result is the MEAN
+over the step's slides, as one process accumulating over them computes it.
+
 Nothing here reads a device tensor on the host. Bucket layout and buffers are built once (per set
 of trainable parameters) and reused every step; each gradient becomes a view into its bucket with
 the parameter's own strides (a channels-last kernel keeps a channels-last gradient, which fused
@@ -58,7 +64,8 @@ class _Bucket:
 
 
 class GradientSync:
-    """Bucketed gradient combination over ranks: SUM for the encoder, broadcast for the rest.
+    """Bucketed gradient combination over ranks: SUM for the encoder, broadcast for the rest;
+    with ``num_slides`` > 1, SUM of everything divided by ``num_slides``.
 
     Args:
         params: Every trainable parameter, each rank passing the same list in the same order:
@@ -68,6 +75,8 @@ class GradientSync:
             broadcast from it in ``finish``.
         bucket_bytes: Upper bound of a bucket's size.
         group: The process group of the collectives (default: the world).
+        num_slides: Slides (groups of ranks) that contribute to one step; above 1, the remaining
+            parameters' buckets are summed too and every gradient is divided by it.
     """
 
     def __init__(
@@ -76,10 +85,14 @@ class GradientSync:
         overlapped: int,
         bucket_bytes: int = _BUCKET_BYTES,
         group: dist.ProcessGroup | None = None,
+        num_slides: int = 1,
     ) -> None:
+        if num_slides < 1:
+            raise ValueError(f"Expected a positive `num_slides`, got {num_slides}.")
         self.params = list(params)
         self.overlapped = overlapped
         self.group = group
+        self.num_slides = num_slides
         self.buckets: list[_Bucket] = []
         for start, stop in ((0, overlapped), (overlapped, len(self.params))):
             self._bucket(range(start, stop), bucket_bytes)
@@ -134,7 +147,7 @@ class GradientSync:
     def _launch(self, b: int) -> None:
         bucket = self.buckets[b]
         bucket.fill()
-        if bucket.indices[0] < self.overlapped:
+        if bucket.indices[0] < self.overlapped or self.num_slides > 1:
             work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
         else:
             work = dist.broadcast(bucket.flat, src=_global_rank(0, self.group), group=self.group,
@@ -175,13 +188,16 @@ class GradientSync:
 
         Args:
             presence: Per parameter, whether any rank had a gradient for it (the encoder's) or
-                rank 0 had one (the rest); ``None`` takes this rank's own. A parameter without
-                one keeps ``grad = None``.
+                rank 0 had one (the rest; with ``num_slides`` > 1, any group's rank 0); ``None``
+                takes this rank's own. A parameter without one keeps ``grad = None``.
         """
         self.launch_rest()
         for work in self._inflight:
             if work is not None:
                 work.wait()
+        if self.num_slides > 1:  # the mean over the step's slides
+            for bucket in self.buckets:
+                bucket.flat.div_(self.num_slides)
         present = list(presence) if presence is not None else self.local_presence()
         for bucket in self.buckets:
             for i, p, slot in zip(bucket.indices, bucket.params, bucket.slots, strict=True):

@@ -27,14 +27,19 @@ Two things must hold whatever the user's script or shell does:
   take 314 s instead of 36-79 s (one thread per rank) on the same shared machine. Setting
   threads in the parent before the fork does not help: the pool outlives
   ``torch.set_num_threads(1)``.
+
+With ``slide_group_size`` the strategy also creates, every run, one process group per slide group
+(and a gloo twin for host values when the backend is not gloo) and one per "column" (the ranks
+with the same rank in their group, one from each group) for metrics: ``new_slide_groups``. They go
+with the others at the end of the run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +59,15 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerStatus
 from typing_extensions import override
 
+from lightning_wsi.data.sampling import SlideGroup
+
 __all__ = [
     "ForkSafeLauncher",
+    "SlideProcessGroups",
     "join_process_group",
     "launcher_for",
     "leave_process_group",
+    "new_slide_groups",
     "rank_threads",
     "release_openmp_threads",
 ]
@@ -210,6 +219,59 @@ def join_process_group(strategy: DDPStrategy) -> bool:
     return True
 
 
+@dataclass
+class SlideProcessGroups:
+    """This rank's process groups for its slide group; ``None`` means the world's default group.
+
+    Attributes:
+        device: The ranks sharing this rank's slide: features, dL/df, outputs (device backend).
+        host: The same ranks for host values (gloo); the world's host group with one group.
+        metrics: This rank's column, one rank of every slide group: metric states gathered over
+            it count every slide once. ``None`` with one group (metrics stay local).
+        created: This rank's groups made here, to destroy at the end of the run.
+    """
+
+    device: dist.ProcessGroup | None = None
+    host: dist.ProcessGroup | None = None
+    metrics: dist.ProcessGroup | None = None
+    created: list[dist.ProcessGroup] = field(default_factory=list)
+
+
+def new_slide_groups(
+    group: SlideGroup, world_host: dist.ProcessGroup | None, default_is_gloo: bool
+) -> SlideProcessGroups:
+    """Create the process groups of slide groups of ``group.size`` ranks; collective on the world.
+
+    Every rank creates every group, in the same order (``torch.distributed.new_group``'s rule):
+    the slide groups (consecutive ranks), their gloo twins unless the default backend is gloo
+    and carries host values itself, then the columns. One group of all ranks creates
+    nothing: the world's groups serve, as without groups.
+
+    Args:
+        group: This rank's place (``data.sampling.slide_group``).
+        world_host: The world's host group (``None``: the default group is gloo).
+        default_is_gloo: The default backend is gloo (device groups carry host values too).
+    """
+    if group.count == 1:
+        return SlideProcessGroups(host=world_host)
+    mine = SlideProcessGroups()
+    for g in range(group.count):  # a rank outside a group gets a placeholder from new_group
+        ranks = list(range(g * group.size, (g + 1) * group.size))
+        device = dist.new_group(ranks)
+        host = device if default_is_gloo else dist.new_group(ranks, backend="gloo")
+        if g == group.index:
+            mine.device, mine.host = device, host
+            mine.created += [device] if host is device else [device, host]
+    if group.size == 1:
+        return mine  # one rank per slide group: the columns are the world
+    for column in range(group.size):
+        members = dist.new_group([g * group.size + column for g in range(group.count)])
+        if column == group.rank:
+            mine.metrics = members
+            mine.created.append(members)
+    return mine
+
+
 def _run_failed(strategy: DDPStrategy) -> bool:
     """Whether the run is ending on an exception (Lightning marks it interrupted first)."""
     module = strategy.lightning_module
@@ -218,15 +280,20 @@ def _run_failed(strategy: DDPStrategy) -> bool:
 
 
 def leave_process_group(
-    strategy: DDPStrategy, owned: bool, extra: dist.ProcessGroup | None = None
+    strategy: DDPStrategy,
+    owned: bool,
+    extra: dist.ProcessGroup | Sequence[dist.ProcessGroup | None] | None = None,
 ) -> None:
     """End of a run: destroy every process group if the strategy owns the default one, else
-    only ``extra`` (its own gloo host group). Call it in ``teardown``, on every rank.
+    only ``extra`` (its own groups: the gloo host group, slide groups). Call it in
+    ``teardown``, on every rank.
 
     After a normal end the ranks first meet at a barrier, so no rank destroys a group a peer is
     still using; after an exception they do not (a peer may never arrive).
     """
-    if not (dist.is_available() and dist.is_initialized()) or not (owned or extra is not None):
+    groups = [extra] if isinstance(extra, dist.ProcessGroup) else list(extra or ())
+    groups = [g for g in groups if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER]
+    if not (dist.is_available() and dist.is_initialized()) or not (owned or groups):
         return
     try:
         if not _run_failed(strategy):
@@ -234,5 +301,6 @@ def leave_process_group(
     finally:
         if owned:
             dist.destroy_process_group()
-        elif extra is not None:
-            dist.destroy_process_group(extra)
+        else:
+            for group in dict.fromkeys(groups):  # a group listed twice is destroyed once
+                dist.destroy_process_group(group)

@@ -16,6 +16,19 @@ is where Lightning's closure ends and gradient clipping and ``on_before_optimize
 With ``encode_chunk_size`` each rank encodes without autograd in chunks and re-encodes chunk by
 chunk in ``backward`` (``chunked.py``), so activation memory no longer grows with K.
 
+Slide groups (``slide_group_size=S``): the N ranks form G = N / S groups of S consecutive ranks.
+Each group trains its own slide of the step exactly as above, within the group (its rank 0
+aggregates; every per-slide collective runs on the group's process group), and one world-wide
+SUM all-reduce of all trainable gradients divided by G makes the step's gradient the MEAN over its
+G slides, as one process accumulating over those G slides computes it (Lightning divides each
+micro-batch's loss by ``accumulate_grad_batches``): a learning rate means the same at any G, and
+with accumulation the mean is over G x ``accumulate_grad_batches`` slides. A group whose slide is
+dropped (unreadable, too many bad tiles) adds zero and still counts in the G, as a dropped slide
+counts in one process's accumulation window. The per-step world exchanges are host flags (a
+failure anywhere, usable slides), the logged loss (the mean over the step's usable slides), the
+gradients and the backward's flags; evaluation uses no world collective per step, as groups
+evaluate different numbers of slides.
+
 The LightningModule provides the model side (the protocol, see ``SlideParallelStrategy``); this
 module holds no model code and the module holds no distributed code.
 """
@@ -39,10 +52,11 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_wsi.data.problems import dropped_prediction, merge_into_batch, slide_problem
-from lightning_wsi.data.sampling import shard_bounds
+from lightning_wsi.data.sampling import SlideGroup, shard_bounds, slide_group
 from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encode_in_chunks
 from lightning_wsi.strategies.collectives import (
     ShardInfo,
@@ -50,6 +64,7 @@ from lightning_wsi.strategies.collectives import (
     broadcast_output,
     exchange_shard_info,
     gather_rows,
+    interleave_group_outputs,
     scatter_rows,
 )
 from lightning_wsi.strategies.failures import (
@@ -61,9 +76,11 @@ from lightning_wsi.strategies.failures import (
 )
 from lightning_wsi.strategies.grad_sync import GradientSync, layout_key
 from lightning_wsi.strategies.lifecycle import (
+    SlideProcessGroups,
     join_process_group,
     launcher_for,
     leave_process_group,
+    new_slide_groups,
 )
 from lightning_wsi.strategies.module_state import BatchNormStats, keep_metrics_local
 from lightning_wsi.strategies.randomness import rank_stream, stream_seed
@@ -122,6 +139,16 @@ class SlideParallelStrategy(DDPStrategy):
     (``module_state.py``). The small exchanges of host values (shard sizes, flags, which
     parameters got gradients) use a gloo group, so a CUDA step is never stalled by a read-back.
 
+    With ``slide_group_size=S`` groups of S ranks train G = N / S slides per step (module
+    docstring): the sampler arguments give group g the slides g, g + G, ... (Lightning's injected
+    ``DistributedSampler`` pads the training order so every group steps equally), and
+    ``SlideDataModule`` does the same with each rank's shard. In evaluation each group evaluates
+    its slides; torchmetrics states are gathered over one rank of every group, so a metric counts
+    every slide once, and ``predict`` returns every slide's prediction on every rank, in order.
+    (For a validation loader of your own, Lightning's injected sampler repeats slides to even
+    out the groups when their number is not a multiple of G, as under DDP; ``SlideDataModule``
+    and prediction do not.) Values logged without ``sync_dist`` are each group's own.
+
     Args:
         encode_chunk_size: Encode at most this many tiles at a time on each rank, with gradient
             caching in training; ``None`` encodes a rank's shard at once.
@@ -131,6 +158,9 @@ class SlideParallelStrategy(DDPStrategy):
         process_group_backend: ``"gloo"``, ``"nccl"``, ...; default by device.
         timeout: Timeout of the collectives.
         start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+        slide_group_size: Ranks that share one slide (S, a divisor of the world size); the
+            world trains N / S slides per step and the gradient is their mean. ``None``: one
+            group of all ranks; ``1``: each rank its own slide (slide data parallel).
     """
 
     strategy_name = "slide_parallel"
@@ -148,6 +178,7 @@ class SlideParallelStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        slide_group_size: int | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -165,6 +196,16 @@ class SlideParallelStrategy(DDPStrategy):
             )
         if bucket_cap_mb <= 0:
             raise ValueError(f"Expected a positive `bucket_cap_mb`, got {bucket_cap_mb}.")
+        if slide_group_size is not None and (
+            isinstance(slide_group_size, bool)
+            or not isinstance(slide_group_size, int)
+            or slide_group_size < 1
+        ):
+            raise ValueError(
+                f"strategy.slide_group_size must be a positive integer that divides the world "
+                f"size, or null for one group of all ranks; got {slide_group_size!r}."
+            )
+        self.slide_group_size = slide_group_size
         self.encode_chunk_size = encode_chunk_size
         self.bucket_cap_mb = bucket_cap_mb
         self._pending: _Pending | None = None
@@ -172,7 +213,9 @@ class SlideParallelStrategy(DDPStrategy):
         self._sync_blocked = False
         self._grad_sync: GradientSync | None = None
         self._grad_sync_key: tuple = ()
-        self._host_group: dist.ProcessGroup | None = None
+        self._host_group: dist.ProcessGroup | None = None  # the world's, for host values
+        self._groups = SlideProcessGroups()  # this rank's slide group's process groups
+        self._step_groups = (1, 1)  # groups with a usable slide, with tiles: this step (host)
         self._batchnorm: BatchNormStats | None = None
         self._seed = 0
         self._owns_process_group = False
@@ -180,10 +223,23 @@ class SlideParallelStrategy(DDPStrategy):
     # ------------------------------------------------------------------ set-up
 
     @property
+    def slide_group(self) -> SlideGroup:
+        """This rank's slide group: which (``index`` of ``count``), its rank in it (``rank``, its
+        shard) and the group size (``size``)."""
+        return slide_group(self.global_rank, self.world_size, self.slide_group_size)
+
+    @property
+    def _leads(self) -> bool:
+        """This rank aggregates its group's slide (rank 0 of the group)."""
+        return self.slide_group.rank == 0
+
+    @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every rank iterates over every slide in the same order; tiles are sharded instead.
-        return {"num_replicas": 1, "rank": 0}
+        # Every rank of a group iterates over the group's slides in the same order; tiles are
+        # sharded instead. One group: every rank, every slide.
+        group = self.slide_group
+        return {"num_replicas": group.count, "rank": group.index}
 
     @override
     def connect(self, model: L.LightningModule) -> None:
@@ -213,6 +269,9 @@ class SlideParallelStrategy(DDPStrategy):
 
     @override
     def _configure_launcher(self) -> None:
+        # Called when the Trainer is built, devices and nodes known: a bad group size fails here,
+        # before any process starts.
+        slide_group(0, self.num_nodes * self.num_processes, self.slide_group_size)
         self._launcher = launcher_for(self)  # fork-safe with OMP_NUM_THREADS set (lifecycle.py)
 
     @override
@@ -224,15 +283,20 @@ class SlideParallelStrategy(DDPStrategy):
         # group: NCCL would need device tensors and a read-back that stalls the host.
         backend = dist.get_backend()
         self._host_group = None if backend == "gloo" else dist.new_group(backend="gloo")
+        self._groups = new_slide_groups(self.slide_group, self._host_group, backend == "gloo")
         self._seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
 
     @override
     def setup(self, trainer: L.Trainer) -> None:
         super().setup(trainer)
         module = self.lightning_module
-        keep_metrics_local(module)  # every rank computes every slide's metrics itself
-        # Every rank logs the same value (rank 0's output, broadcast): syncing would only
-        # average equal numbers, so Lightning's advice to pass sync_dist=True does not apply.
+        if self.slide_group.count == 1:
+            keep_metrics_local(module)  # every rank computes every slide's metrics itself
+        else:  # one rank of every group: each slide once
+            _gather_metrics_over(module, self._groups.metrics)
+        # Every rank of a group logs the same value (its rank 0's output, broadcast): with one
+        # group, syncing would only average equal numbers, so Lightning's advice to pass
+        # sync_dist=True does not apply; with several it averages over the groups' slides.
         warnings.filterwarnings(
             "ignore", message=r"It is recommended to use `self\.log\(.*sync_dist"
         )
@@ -289,15 +353,16 @@ class SlideParallelStrategy(DDPStrategy):
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error, features = err, None
             info = self._exchange(features, tiles, batch, error)
-            if info.failed:
-                raise_together(self._host_group, error, "training step")
-            if self._slide_verdict(info, batch) is not None:  # every rank skips this slide
+            if self._training_verdict(info, batch, error) is not None:  # the group skips it
                 empty = torch.zeros((0, info.width), dtype=info.dtype, device=self.root_device)
                 self._pending = _Pending(info=info, features=empty, leaf=None, skip=True)
-                return torch.zeros((), dtype=torch.float32, device=self.root_device)
+                zero = torch.zeros((), dtype=torch.float32, device=self.root_device)
+                if self.slide_group.count > 1:
+                    self._log_step_loss(module, zero)  # the world's exchange, with nothing
+                return zero
             features, all_features, all_coords = self._gather(info, features, coords)
             loss, leaf = None, None
-            if self.global_rank == 0:
+            if self._leads:
                 try:
                     needs_grad = torch.is_grad_enabled() and info.needs_grad
                     leaf = all_features.detach().requires_grad_(needs_grad)
@@ -306,11 +371,7 @@ class SlideParallelStrategy(DDPStrategy):
                 except Exception as err:  # noqa: BLE001 - reported in backward, on every rank
                     error, loss = err, None
         value = self._broadcast_loss(loss)
-        log = getattr(module, "log_train_loss", None)
-        if callable(log):
-            log(value)
-        else:
-            module.log("train/loss", value, on_step=True, on_epoch=True, batch_size=1)
+        self._log_step_loss(module, value)
         self._pending = _Pending(
             info=info,
             features=features,
@@ -320,6 +381,51 @@ class SlideParallelStrategy(DDPStrategy):
             error=error,
         )
         return loss if loss is not None else value
+
+    def _training_verdict(
+        self, info: ShardInfo, batch: Mapping[str, Any], error: BaseException | None
+    ) -> str | None:
+        """Why this rank's group skips its slide in this training step, or ``None``; raises on
+        every rank if any rank failed.
+
+        With several groups, one SUM all-reduce of host flags over the world makes a failure in
+        any group stop every rank at this step, and counts the groups with a usable slide (for
+        the logged loss) and with tiles (for BatchNorm statistics).
+        """
+        group = self.slide_group
+        if group.count == 1:
+            if info.failed:
+                raise_together(self._host_group, error, "training step")
+            return self._slide_verdict(info, batch)
+        verdict = "a rank of the group failed" if info.failed else self._slide_verdict(info, batch)
+        leads = group.rank == 0
+        flags = torch.tensor(
+            [bool(info.failed), leads and verdict is None, leads and info.total > 0],
+            dtype=torch.int64,
+        )
+        dist.all_reduce(flags, group=self._host_group)
+        failed, usable, with_tiles = flags.tolist()
+        if failed:
+            raise_together(self._host_group, error, "training step")
+        self._step_groups = (usable, with_tiles)
+        return verdict
+
+    def _log_step_loss(self, module: L.LightningModule, value: torch.Tensor) -> None:
+        """Log the training loss (``log_train_loss`` or ``train/loss``): the slide's, or with
+        several groups the mean over the step's usable slides (one device all-reduce, the same
+        value on every rank; nothing is logged if no group could use its slide)."""
+        if self.slide_group.count > 1:
+            total = value * float(self._leads)
+            dist.all_reduce(total)
+            usable = self._step_groups[0]
+            if usable == 0:
+                return
+            value = total / usable
+        log = getattr(module, "log_train_loss", None)
+        if callable(log):
+            log(value)
+        else:
+            module.log("train/loss", value, on_step=True, on_epoch=True, batch_size=1)
 
     @override
     def backward(
@@ -331,8 +437,7 @@ class SlideParallelStrategy(DDPStrategy):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
         if pending.skip:
-            self._skip_backward(module)
-            return closure_loss
+            return self._skip_backward(module, pending, closure_loss)
         self._window_has_grads = True
         info, error = pending.info, pending.error
         self.pre_backward(closure_loss)
@@ -340,7 +445,7 @@ class SlideParallelStrategy(DDPStrategy):
         # rank 0's loss has a graph.
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         full_grad = None
-        if self.global_rank == 0 and error is None:
+        if self._leads and error is None:
             try:
                 self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
                 assert pending.leaf is not None
@@ -349,39 +454,66 @@ class SlideParallelStrategy(DDPStrategy):
                 error = err
         sync = None if self._sync_blocked else self._gradient_sync(module)
         if info.needs_grad:  # a frozen encoder needs no dL/df and no second encode
-            if self.global_rank == 0 and full_grad is None:  # no path to the features, or failed
+            if self._leads and full_grad is None:  # no path to the features, or failed
                 full_grad = torch.zeros((info.total, info.width), dtype=info.dtype,
                                         device=self.root_device)  # fmt: skip
-            grad = scatter_rows(full_grad, info, like=pending.features)
+            grad = scatter_rows(full_grad, info, like=pending.features, group=self._groups.device)
             if error is None and len(grad):
                 try:
                     self._encoder_backward(pending, grad, sync)
                 except Exception as err:  # noqa: BLE001 - reported below, on every rank
                     error = err
-        if error is None and sync is not None and self.global_rank != 0:
+        if error is None and sync is not None and not self._leads:
             error = sync.foreign_gradient_error(self.global_rank)
-        if sync is not None:
-            sync.launch_rest()  # every rank has now issued the same collectives, in order
-        failed, presence = self._exchange_flags(sync, error)
-        if sync is not None:
-            sync.finish(presence)
-        if self._batchnorm:
-            self._batchnorm.sync(info.sizes[self.global_rank], info.total)
-        if failed:
-            raise_together(self._host_group, error, "backward")
+        self._combine(sync, error, info)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
 
-    def _skip_backward(self, module: nn.Module) -> None:
-        """Backward of a slide no rank could use: it adds nothing. At the end of an accumulation
-        window that other slides contributed to, their local gradients still need combining."""
+    def _combine(
+        self, sync: GradientSync | None, error: BaseException | None, info: ShardInfo
+    ) -> None:
+        """The end of every backward: combine gradients (unless accumulating), exchange the host
+        flags, keep BatchNorm statistics equal, and raise on every rank if any failed."""
+        if sync is not None:
+            sync.launch_rest()  # every rank has now issued the same collectives, in order
+        failed, window, presence = self._exchange_flags(sync, error)
+        if sync is not None:
+            sync.finish(presence)
+            self._window_has_grads = window  # any rank's: with groups, a step for all or none
+        self._sync_batchnorm(info)
+        if failed:
+            raise_together(self._host_group, error, "backward")
+
+    def _skip_backward(
+        self, module: nn.Module, pending: _Pending, closure_loss: torch.Tensor
+    ) -> torch.Tensor:
+        """Backward of a slide no rank of the group could use: it adds nothing. At the end of an
+        accumulation window that other slides contributed to, their local gradients still need
+        combining. With several groups, the others may have used theirs: this group joins
+        every world exchange of the backward (as zeros), and the gradient scaler and hooks run
+        as in a backward."""
+        if self.slide_group.count > 1:
+            closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+            self._combine(None if self._sync_blocked else self._gradient_sync(module), None,
+                          pending.info)  # fmt: skip
+            return self.precision_plugin.post_backward(closure_loss, module)
         if self._sync_blocked or not self._window_has_grads:
-            return
+            return closure_loss
         sync = self._gradient_sync(module)
         sync.launch_rest()
-        _, presence = self._exchange_flags(sync, None)
+        _, _, presence = self._exchange_flags(sync, None)
         sync.finish(presence)
+        return closure_loss
+
+    def _sync_batchnorm(self, info: ShardInfo) -> None:
+        """Trainable BatchNorm statistics: the shard-size-weighted mean over the group's ranks,
+        and with several groups the mean over the groups that had tiles."""
+        if not self._batchnorm:
+            return
+        group = self.slide_group
+        total = info.total if group.count == 1 else info.total * max(self._step_groups[1], 1)
+        self._batchnorm.sync(info.sizes[group.rank], total)
 
     @override
     def optimizer_step(
@@ -435,33 +567,41 @@ class SlideParallelStrategy(DDPStrategy):
             if self._grad_sync is not None:
                 self._grad_sync.remove()
             self._grad_sync = GradientSync(
-                first + rest, overlapped=len(first), bucket_bytes=int(self.bucket_cap_mb * 2**20)
+                first + rest,
+                overlapped=len(first),
+                bucket_bytes=int(self.bucket_cap_mb * 2**20),
+                num_slides=self.slide_group.count,
             )
             self._grad_sync_key = key
         return self._grad_sync
 
     def _exchange_flags(
         self, sync: GradientSync | None, error: BaseException | None
-    ) -> tuple[bool, list[bool] | None]:
-        """One MAX all-reduce of host flags: did any rank fail, and which parameters got a
-        gradient on any rank."""
+    ) -> tuple[bool, bool, list[bool] | None]:
+        """One MAX all-reduce of host flags over the world: did any rank fail, did any rank's
+        accumulation window backpropagate a slide, and which parameters got a gradient on any
+        rank."""
         local = sync.local_presence() if sync is not None else []
-        flags = torch.tensor([error is not None, *local], dtype=torch.uint8)
+        flags = torch.tensor([error is not None, self._window_has_grads, *local], dtype=torch.uint8)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._host_group)
-        values = flags.tolist()
-        return bool(values[0]), [bool(v) for v in values[1:]] if sync is not None else None
+        values = [bool(v) for v in flags.tolist()]
+        return values[0], values[1], values[2:] if sync is not None else None
 
     @override
     def teardown(self) -> None:
         if self._grad_sync is not None:
             self._grad_sync.remove()
             self._grad_sync, self._grad_sync_key = None, ()
+        if self.slide_group.count > 1 and self.lightning_module is not None:
+            _gather_metrics_over(self.lightning_module, None)  # its groups go below
         try:
             super().teardown()
         finally:
             # No process group outlives the run: a later Trainer would wait on it forever.
-            leave_process_group(self, self._owns_process_group, self._host_group)
+            extra = [self._host_group, *self._groups.created]
+            leave_process_group(self, self._owns_process_group, extra)
             self._owns_process_group, self._host_group = False, None
+            self._groups = SlideProcessGroups()
 
     # ------------------------------------------------------------------ evaluation
 
@@ -505,16 +645,16 @@ class SlideParallelStrategy(DDPStrategy):
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error, features = err, None
             info = self._exchange(features, tiles, batch, error)
-            if info.failed:
-                raise_together(self._host_group, error, f"{stage} step")
+            if info.failed:  # the group's ranks; with several groups, the others stop at teardown
+                raise_together(self._groups.host, error, f"{stage} step")
             if self._slide_verdict(info, batch) is not None:  # in no metric; predict says why
                 return dropped_prediction(batch) if stage == "predict" else None
             features, all_features, _ = self._gather(info, features, None)
             all_coords = None  # every rank needs them for the per-slide outputs
             if coords is not None:
-                all_coords = all_gather_rows(coords.to(self.root_device), info)
+                all_coords = all_gather_rows(coords.to(self.root_device), info, self._groups.device)
             output = None
-            if self.global_rank == 0:
+            if self._leads:
                 try:
                     output = module.aggregate(all_features, all_coords)
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
@@ -524,10 +664,25 @@ class SlideParallelStrategy(DDPStrategy):
         full_batch["coords"] = all_coords
         if batch.get("slide_index") is not None:  # a patient bag: per tile, like coords
             index = batch["slide_index"].to(self.root_device)
-            full_batch["slide_index"] = all_gather_rows(index, info)
+            full_batch["slide_index"] = all_gather_rows(index, info, self._groups.device)
         if stage == "predict":
             return method(output, full_batch)
         return method(output, full_batch, stage)
+
+    @override
+    def on_predict_end(self) -> None:
+        """With several groups, every rank's predictions become every slide's, in the loader's
+        order: group g predicted the slides g, g + G, ... (``interleave_group_outputs``)."""
+        super().on_predict_end()
+        group = self.slide_group
+        loop = self.lightning_module.trainer.predict_loop
+        if group.count == 1 or not loop.return_predictions:
+            return
+        # The loop returns these lists (one per loader) after this hook: filled in place.
+        for outputs in loop._predictions:
+            outputs[:] = interleave_group_outputs(
+                outputs, group.count, self._leads, self._host_group
+            )
 
     def _encode_for_evaluation(self, module: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
         chunked = getattr(module, "encode_in_chunks", None)
@@ -543,8 +698,9 @@ class SlideParallelStrategy(DDPStrategy):
         """This rank's tiles and coords; a whole slide (not sharded by the loader) is cut here."""
         tiles, coords = batch["tiles"], batch.get("coords")
         total = int(batch.get("num_tiles", len(tiles)))
-        if self.world_size > 1 and len(tiles) == total:
-            start, stop = shard_bounds(total, self.global_rank, self.world_size)
+        group = self.slide_group
+        if group.size > 1 and len(tiles) == total:
+            start, stop = shard_bounds(total, group.rank, group.size)
             tiles = tiles[start:stop]
             coords = coords[start:stop] if coords is not None else None
         return tiles, coords
@@ -568,7 +724,7 @@ class SlideParallelStrategy(DDPStrategy):
             features, n_local, batch.get("slide_id"), failed=error is not None,
             needs_grad=needs_grad, bad_tiles=len(batch.get("tile_problems") or ()),
             max_bad_tiles=int(batch.get("max_bad_tiles", 0)),
-            slide_problem=bool(batch.get("slide_problem")), group=self._host_group,
+            slide_problem=bool(batch.get("slide_problem")), group=self._groups.host,
         )  # fmt: skip
 
     def _slide_verdict(self, info: ShardInfo, batch: Mapping[str, Any]) -> str | None:
@@ -580,10 +736,10 @@ class SlideParallelStrategy(DDPStrategy):
         (``data.problems.ProblemRecorder``) is the same everywhere.
         """
         reported = None
-        if info.has_problems and self.world_size > 1:
+        if info.has_problems and self.slide_group.size > 1:
             mine = (list(batch.get("tile_problems") or ()), batch.get("slide_problem"))
-            everyone: list[Any] = [None] * self.world_size
-            dist.all_gather_object(everyone, mine, group=self._host_group)
+            everyone: list[Any] = [None] * self.slide_group.size
+            dist.all_gather_object(everyone, mine, group=self._groups.host)
             reasons = [r for _, r in everyone if r]
             reported = reasons[0] if reasons else None
             if isinstance(batch, MutableMapping):
@@ -601,14 +757,15 @@ class SlideParallelStrategy(DDPStrategy):
     def _gather(
         self, info: ShardInfo, features: torch.Tensor | None, coords: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This rank's features (``[0, D]`` for a rank without tiles), and on rank 0 the
-        features ``[K, D]`` and coords ``[K, 2]`` of all ranks."""
+        """This rank's features (``[0, D]`` for a rank without tiles), and on the group's rank 0
+        the features ``[K, D]`` and coords ``[K, 2]`` of all its ranks."""
         if features is None:
             features = torch.zeros((0, info.width), dtype=info.dtype, device=self.root_device)
-        all_features = gather_rows(features.detach(), info)
+        group = self._groups.device
+        all_features = gather_rows(features.detach(), info, group=group)
         all_coords = None
         if coords is not None:
-            all_coords = gather_rows(coords.to(self.root_device), info)
+            all_coords = gather_rows(coords.to(self.root_device), info, group=group)
         return features, all_features, all_coords
 
     def _broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
@@ -616,25 +773,29 @@ class SlideParallelStrategy(DDPStrategy):
         value = torch.zeros((), dtype=torch.float32, device=self.root_device)
         if loss is not None:
             value.copy_(loss.detach())
-        if self.world_size > 1:
-            dist.broadcast(value, src=0)
+        group = self.slide_group
+        if group.size > 1:
+            dist.broadcast(value, src=group.leader, group=self._groups.device)
         return value
 
     def _broadcast_output(self, output: Any, error: BaseException | None, stage: str) -> Any:
         """Rank 0's aggregator output on every rank (tensors on this rank's device); rank 0's
         error, if it had one, raised on every rank."""
-        if self.world_size == 1:
+        if self.slide_group.size == 1:
             if error is not None:
                 raise error
             return output
         message = describe(error) if error is not None else None
+        groups = self._groups
         output, message = broadcast_output(
-            output, self.root_device, error=message, host_group=self._host_group
+            output, self.root_device, error=message, host_group=groups.host, group=groups.device
         )
         if message is not None:
+            group = self.slide_group
+            who = "Every rank" if group.count == 1 else "Every rank of its slide group"
             raise SlideParallelError(
-                f"Slide-parallel {stage} step failed on rank 0: {message}. Every rank stopped at "
-                "the same step."
+                f"Slide-parallel {stage} step failed on rank {group.leader}: {message}. {who} "
+                "stopped at the same step."
             ) from error
         return output
 
@@ -654,6 +815,17 @@ class SlideParallelStrategy(DDPStrategy):
                     description=f"Slide-parallel training with start method {start_method!r}",
                     start_method=start_method,
                 )
+
+
+def _gather_metrics_over(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Make every torchmetrics ``Metric`` in ``module`` gather its state over ``group`` when it
+    computes (``None``: the world): with slide groups, one rank of every group, so the ranks
+    of a group, which all update with the same slide, count it once."""
+    for m in module.modules():
+        if isinstance(m, Metric):
+            m.sync_on_compute = True
+            m._to_sync = True
+            m.process_group = group
 
 
 def _encoder_of(module: nn.Module) -> nn.Module:

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from lightning_wsi.data.sampling import (
+    SlideGroup,
     SlideSampler,
     eval_tile_indices,
     sample_tile_indices,
     shard_bounds,
+    slide_group,
 )
 
 
@@ -84,6 +86,59 @@ def test_data_parallel_ranks_split_the_slides(world_size):
     padded = [order(r, pad=True) for r in range(world_size)]
     assert len({len(p) for p in padded}) == 1  # equal steps on every rank
     assert set(sum(padded, [])) == set(range(10))
+
+
+def _group_orders(n, world, size, pad, epoch=0):
+    """Each rank's slide indices with groups of ``size`` ranks."""
+    orders = []
+    for rank in range(world):
+        sampler = SlideSampler(
+            n, shuffle=True, seed=4, num_replicas=world, rank=rank, group_size=size, pad=pad
+        )
+        sampler.set_epoch(epoch)
+        orders.append([i for i, _ in sampler])
+    return orders
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3, 4])
+def test_groups_take_every_gth_slide_of_the_one_process_order(size, groups):
+    """Group g gets slides g, g + G, ... of the single-process order; every rank of a group the
+    same ones. Read back group by group, step by step, they are that order whatever the world
+    size: every slide once in evaluation, and padded from the start in training."""
+    world, n = size * groups, 11
+    for epoch in (0, 1):
+        single = SlideSampler(n, shuffle=True, seed=4)
+        single.set_epoch(epoch)
+        order = [i for i, _ in single]
+        for pad in (False, True):
+            orders = _group_orders(n, world, size, pad, epoch)
+            for rank, ranks_order in enumerate(orders):
+                assert ranks_order == orders[rank - rank % size]  # the group's leader's
+            leaders = orders[::size]
+            steps = max(len(o) for o in leaders)
+            merged = [o[s] for s in range(steps) for o in leaders if s < len(o)]
+            missing = (-n) % groups if pad else 0
+            assert merged == order + order[:missing]
+            if pad:  # every group steps equally
+                assert {len(o) for o in leaders} == {steps}
+
+
+def test_slide_group_places_ranks_in_consecutive_blocks():
+    assert slide_group(5, 8, 4) == SlideGroup(index=1, count=2, rank=1, size=4)
+    assert slide_group(5, 8, 4).leader == 4 and slide_group(5, 8, 4).ranks == [4, 5, 6, 7]
+    assert slide_group(5, 8) == SlideGroup(index=0, count=1, rank=5, size=8)  # one group
+    assert slide_group(5, 8, 1) == SlideGroup(index=5, count=8, rank=0, size=1)
+
+
+@pytest.mark.parametrize("size", [3, 0, 8, True])
+def test_a_group_size_that_does_not_divide_the_world_is_refused(size):
+    expected = (
+        rf"strategy\.slide_group_size={size!r} must divide the world size 4 \(devices x nodes\): "
+        r"use one of \[1, 2, 4\], or null for one group of all ranks\.$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        SlideSampler(10, shuffle=True, num_replicas=4, rank=0, group_size=size)
 
 
 def test_epoch_source_wins_over_set_epoch():
