@@ -57,7 +57,11 @@ def raise_together(
     """
     messages: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, describe(error) if error is not None else None, group=group)
-    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+    # Ranks by their global number: within a slide group, index r is not the rank a user sees.
+    ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(len(messages))]
+    failed = "; ".join(
+        f"rank {g}: {m}" for g, m in zip(ranks, messages, strict=True) if m is not None
+    )
     raise SlideParallelError(
         f"Slide-parallel {where} failed on {failed}. Every rank stopped at the same step."
     ) from error
