@@ -51,6 +51,12 @@ _TITLES = {"train/loss": "final training loss", "val/loss": "validation loss",
            "val/auroc": "validation AUROC", "val/cindex": "validation C-index",
            "val/qwk": "validation quadratic kappa"}  # fmt: skip
 _SHORT = {"val/auroc": "val AUROC", "val/cindex": "val C-index", "val/qwk": "val QWK"}
+# Where each metric can lie: a t-interval is clipped to it (a mean of AUROCs near 1 over 3 runs
+# otherwise reads as "up to 1.14"). Losses here are all >= 0: cross-entropy, BCE, MSE and Cox's
+# negative log partial likelihood.
+_RANGES = {"train/loss": (0.0, math.inf), "val/loss": (0.0, math.inf), "val/auroc": (0.0, 1.0),
+           "val/cindex": (0.0, 1.0), "val/qwk": (-1.0, 1.0)}  # fmt: skip
+_DODGE = 0.05  # log2 units between strata drawn at the same K, so error bars do not overlap
 
 
 def score_column(runs: Sequence[dict[str, Any]]) -> str:
@@ -210,7 +216,13 @@ def _interval(members: Sequence[dict[str, Any]], column: str) -> tuple[float, fl
     if n >= MIN_RUNS_FOR_INTERVAL:
         sem = np.std(values, ddof=1) / math.sqrt(n)
         half = float(stats.t.ppf(0.975, n - 1) * sem)
-        return mean, mean - half, mean + half, f"t-interval over {n} runs{gaps}"
+        low, high = mean - half, mean + half
+        floor, ceiling = _RANGES.get(column, (-math.inf, math.inf))
+        clipped = ""
+        if low < floor or high > ceiling:
+            low, high = max(low, floor), min(high, ceiling)
+            clipped = f", clipped to [{floor:g}, {ceiling:g}]"
+        return mean, low, high, f"t-interval over {n} runs{clipped}{gaps}"
     if n == 1:
         return _single_run(mean, finite[0][1], column, gaps)
     return mean, math.nan, math.nan, f"n={n} runs: no interval{gaps}"
@@ -258,15 +270,18 @@ def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COL
     fig, axes = plt.subplots(1, len(columns), figsize=(13, 3.8), layout="constrained")
     finite = [r["K"] for r in rows if r["K"] != ALL]
     at_all = 2.0 * max(finite, default=1)  # where K=all runs sit: right of the largest K
-    for stratum in sorted({r["stratum"] for r in rows}):
+    strata = sorted({r["stratum"] for r in rows})
+    for i, stratum in enumerate(strata):
         mine = sorted((r for r in rows if r["stratum"] == stratum), key=lambda r: _k_order(r["K"]))
+        dodge = 2.0 ** (_DODGE * (i - (len(strata) - 1) / 2))  # side by side at the same K
         for ax, column in zip(axes, columns, strict=True):
-            _plot_stratum(ax, mine, column, stratum, at_all)
+            _plot_stratum(ax, mine, column, stratum, at_all, dodge)
     for ax, column in zip(axes, columns, strict=True):
         ax.set_xscale("log", base=2)
-        if len(finite) < len(rows):
-            ticks = sorted(set(finite))
-            ax.set_xticks([*ticks, at_all], [*map(str, ticks), ALL])
+        ticks = sorted(set(finite))  # the swept K as plain numbers, not powers of 2
+        extra = [at_all] if len(finite) < len(rows) else []
+        ax.set_xticks([*ticks, *extra], [*map(str, ticks), *[ALL] * len(extra)])
+        ax.minorticks_off()
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.set_xlabel("K (tiles per slide in training)")
         ax.set_title(f"{_TITLES[column]} (95% CI where given)", pad=8)
@@ -277,14 +292,15 @@ def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COL
 
 
 def _plot_stratum(
-    ax: Any, rows: list[dict[str, Any]], column: str, label: str, at_all: float
+    ax: Any, rows: list[dict[str, Any]], column: str, label: str, at_all: float, dodge: float
 ) -> None:
-    """One stratum's line; a point without an interval gets no error bar (not a zero one)."""
+    """One stratum's line, its K multiplied by ``dodge``; a point without an interval gets no
+    error bar (not a zero one)."""
     values = np.array([r[column] for r in rows], dtype=float)
     low = np.array([r[f"{column} low"] for r in rows], dtype=float)
     high = np.array([r[f"{column} high"] for r in rows], dtype=float)
     errors = np.stack([values - low, high - values]).clip(min=0)  # NaN stays: no bar
-    ks = [at_all if r["K"] == ALL else r["K"] for r in rows]
+    ks = [(at_all if r["K"] == ALL else r["K"]) * dodge for r in rows]
     ax.errorbar(ks, values, yerr=errors, marker="o", capsize=3, label=label)
 
 

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -356,3 +358,35 @@ def test_summarize_puts_k_all_runs_after_every_k(tmp_path):
     rows = summarize.summarize(tmp_path, runs)
     assert [(r["K"], r["runs"]) for r in rows] == [(8, 2), (64, 1), ("all", 2)]
     assert (tmp_path / "k_sweep.png").stat().st_size > 0
+
+
+def test_t_intervals_are_clipped_to_where_the_metric_can_lie(tmp_path):
+    rng = np.random.default_rng()
+    # Two perfect runs and one a little below: mean + half > 1 for any drop u (half = 4.3 u / 3)
+    aurocs = np.array([1.0, 1.0, 1.0 - rng.uniform(0.05, 0.2)])
+    # Two near-zero losses and one large: mean - half < 0 (half > mean whatever the draw)
+    losses = np.array([*rng.uniform(0.001, 0.01, 2), rng.uniform(0.5, 1.0)])
+    for i in range(3):
+        _run(tmp_path, f"run{i}", K=8, **_metrics(0.2, float(losses[i]), float(aurocs[i])))
+    [row] = summarize.summarize(tmp_path)
+    half = stats.t.ppf(0.975, 2) * np.std(aurocs, ddof=1) / math.sqrt(3)
+    assert row["val/auroc"] == pytest.approx(aurocs.mean())
+    assert row["val/auroc low"] == pytest.approx(aurocs.mean() - half)
+    assert row["val/auroc high"] == 1.0
+    assert row["val/auroc note"] == "t-interval over 3 runs, clipped to [0, 1]"
+    assert row["val/loss low"] == 0.0 and row["val/loss high"] > losses.mean()
+    assert row["val/loss note"] == "t-interval over 3 runs, clipped to [0, inf]"
+    assert row["train/loss note"] == "t-interval over 3 runs"  # no spread: nothing to clip
+
+
+def test_strata_at_the_same_k_sit_side_by_side():
+    rows = [
+        {"stratum": stratum, "K": 32, "runs": 3,
+         **{f"{c}{end}": 0.5 for c in ("train/loss", "val/loss", "val/auroc")
+            for end in ("", " low", " high")}}
+        for stratum in ("frozen", "lora", "full")
+    ]  # fmt: skip
+    fig = summarize.k_sweep_figure(rows)
+    xs = [bars.lines[0].get_xdata()[0] for bars in fig.axes[0].containers]  # one per stratum
+    assert len(xs) == 3 and len(set(xs)) == 3 and all(28 < x < 37 for x in xs)
+    plt.close(fig)
