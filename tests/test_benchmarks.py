@@ -52,3 +52,21 @@ def test_gpu_check_guards_exactly_the_strategy_step_and_backward(monkeypatch) ->
     arm = gpu_check._sync_run("cpu", gpu_check.Sizes.tiny(), 3, "error")
     assert (arm.guarded_steps, arm.guarded_calls) == (2, 4)
     assert modes == ["error", 0] * 4
+
+
+def test_foundation_tuning_steps_train_what_each_mode_says(monkeypatch) -> None:
+    """``benchmarks/foundation_tuning.py``'s step, tiny (test_vit, 32 px, K=8, chunks of 4,
+    gradient checkpointing on): the encoder's trainable share follows the mode, and every mode
+    that trains gets a gradient into the encoder through chunking and checkpointing together
+    (LoRA's adapters too). Memory and time are measured but not asserted."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import foundation_tuning as ft
+
+    setup = ft.Setup(model="test_vit", size=32)
+    results = {m: ft.worker(ft.Config(m, 8, 4, True), setup) for m in ft.MODES}
+    assert {m: (r["status"], r["grad_ok"]) for m, r in results.items()} == {
+        m: ("ok", True) for m in ft.MODES
+    }
+    trainable = [results[m]["trainable_m"] for m in ft.MODES]  # frozen, lora, last4, full
+    assert trainable[0] == 0 and 0 < trainable[1] < trainable[2] < trainable[3]
+    assert all(r["seconds"] > 0 for r in results.values())
