@@ -15,6 +15,7 @@ bad slide, left-out tile and dropped slide) and ``train.log``.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import logging
 import math
@@ -92,10 +93,19 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; write the outputs; return the summary."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_tile_size(cfg)
+    if cfg.get("pretrain") is not None:
+        # The foundation study's encoder weights, pretrained here once if the file is missing.
+        # Before `fit`, so the ranks a launcher starts later find the file written.
+        from lightning_wsi.pretrain import ensure_pretrained
+
+        try:
+            ensure_pretrained(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.data.get("synthetic"):
         syn = cfg.data.synthetic
-        manifest = make_synthetic_dataset(syn.root, n_slides=syn.n_slides, seed=syn.seed)
+        manifest = _synthetic_dataset(syn)
         print(f"synthetic slides: {manifest.parent}")
     datamodule: SlideDataModule = instantiate(cfg.data.datamodule, _convert_="all")
     module: SlideModule = instantiate(cfg.model, _convert_="all")
@@ -121,6 +131,20 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         summary = _report(cfg, output_dir, datamodule, predictions, metrics, trainer)
     return summary
+
+
+def _synthetic_dataset(node: DictConfig) -> Path:
+    """``data.synthetic``'s slides (written once, then reused): every key but ``root`` is a
+    keyword of :func:`make_synthetic_dataset`; an unknown one is a one-line error naming it."""
+    options = dict(OmegaConf.to_container(node, resolve=True))
+    known = set(inspect.signature(make_synthetic_dataset).parameters) - {"root"}
+    unknown = sorted(set(options) - known - {"root"})
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) data.synthetic.{', data.synthetic.'.join(unknown)}; "
+            f"valid: root, {', '.join(sorted(known))}"
+        )
+    return make_synthetic_dataset(options.pop("root"), **options)
 
 
 def _loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:

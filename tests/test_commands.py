@@ -195,6 +195,9 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
         (["-m", "lightning_wsi.summarize", "nowhere"], 2, "error: no summary.json under nowhere"),
         (["-m", "lightning_wsi.train", "ckpt_path=nowhere.ckpt"], 2,
          "error: ckpt_path=nowhere.ckpt: no such checkpoint file"),
+        (["-m", "lightning_wsi.train", "experiment=foundation_study", "pretrain.steps=0",
+          "encoder.checkpoint_path=missing/encoder.safetensors"], 2,
+         "error: pretrain.steps must be a positive integer, got 0"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_clear_line(workdir: Path, args, code, expected) -> None:

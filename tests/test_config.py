@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -65,3 +66,19 @@ def test_logger_choices_write_offline(tmp_path: Path, monkeypatch, choice: str) 
         assert any(p.startswith("run/tensorboard/events.out.tfevents") for p in written), written
     else:  # mlruns/<experiment>/<run>/metrics/val/loss
         assert any(p.startswith("mlruns/") and p.endswith("metrics/val/loss") for p in written)
+
+
+def test_synthetic_data_keys_are_the_generators_keywords(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_wsi.train import ConfigError, _synthetic_dataset
+
+    bad = OmegaConf.create({"root": str(tmp_path), "n_slides": 2, "sizes": 3})
+    with pytest.raises(ConfigError, match=r"^unknown key\(s\) data.synthetic.sizes; valid: root, "
+                       r".*n_slides.*seed"):  # fmt: skip
+        _synthetic_dataset(bad)
+    assert not any(tmp_path.iterdir())  # nothing written for a bad key
+    node = OmegaConf.create({"root": str(tmp_path), "n_slides": 2, "seed": 5, "progress": False})
+    manifest = _synthetic_dataset(node)
+    assert manifest == tmp_path / "manifest.csv"
+    assert json.loads((tmp_path / "synthetic.json").read_text())["seed"] == 5
