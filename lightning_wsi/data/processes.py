@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import os
 import re
 import sys
 import warnings
@@ -32,6 +33,7 @@ def worker_context(preload: Sequence[str]) -> multiprocessing.context.BaseContex
     ``None`` (the platform default) where neither exists."""
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods and _main_is_safe_to_import():
+        _forget_a_parents_forkserver()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
         return context
@@ -39,6 +41,35 @@ def worker_context(preload: Sequence[str]) -> multiprocessing.context.BaseContex
         _warn_once()
         return multiprocessing.get_context("fork")
     return None
+
+
+def _forget_a_parents_forkserver() -> None:
+    """Let a forked process start a forkserver of its own.
+
+    A process forked from one that started a forkserver (a rank of ``slide_parallel_notebook``
+    or ``start_method="fork"`` after tiling, which uses one) inherits the record of that
+    server, and CPython 3.11's ``ensure_running`` then waits on a process that is not its child:
+    ``ChildProcessError`` at its first DataLoader worker. The record is reset (and a server
+    that has died is reaped), so the next worker start launches this process's own server.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # the module's singleton: its functions are bound to it
+    with server._lock:
+        pid = server._forkserver_pid
+        if pid is None:
+            return
+        try:
+            ended, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not ours: the parent's server
+            ended = pid
+        if not ended:
+            return  # our own server, still running
+        if server._forkserver_alive_fd is not None:
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_address = None
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
 
 
 def _main_is_safe_to_import() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing.forkserver
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +18,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from slide_files import grid_image, write_grid_slide
 
 from lightning_wsi.data import BadSlideError, ManifestError, SlideDataModule
+from lightning_wsi.data.processes import worker_context
+from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
 CELLS = [(c, r) for c in range(1, 5) for r in range(1, 4)]  # 12 tissue tiles at 0.5 mpp / 224 px
 SMALL = dict(mpp=2.0, tile_size=56)  # same 112 µm tiles, read small for speed
@@ -250,8 +253,13 @@ def _fit_two_ranks(manifest: Path, out: Path, strategy) -> list[list]:
 def test_ranks_under_a_real_trainer(cohort, tmp_path, slide_parallel):
     manifest = _manifest(cohort, _good_rows())
     cls = _SlideParallelDDP if slide_parallel else DDPStrategy
+    # The ranks are forked from here, after this process started a forkserver (as tiling
+    # does): each must start its own loader workers and OpenMP pool.
+    worker_context(["lightning_wsi.data.tiling"])
+    multiprocessing.forkserver.ensure_running()
+    release_openmp_threads()
     ranks = _fit_two_ranks(
-        manifest, tmp_path, cls(start_method="spawn", process_group_backend="gloo")
+        manifest, tmp_path, cls(start_method="fork", process_group_backend="gloo")
     )
     # The single-process reference: the same data module, no trainer.
     reference = SlideDataModule(manifest, k=7, progress=False, **SMALL)

@@ -1,8 +1,9 @@
 """Run the same training as 1, 2 or 3 real processes and compare what they end with.
 
 ``run_world(world_size, scenarios, out_dir)`` starts ``world_size`` processes (torch
-multiprocessing, spawn) that join one gloo process group through Lightning's own environment
-variables, as torchrun would, and each trains every scenario in turn with a fresh
+multiprocessing, forked from the test process) that join one gloo process group through
+Lightning's own environment variables, as torchrun would, and each trains every scenario in
+turn with a fresh
 ``Trainer(strategy=SlideParallelStrategy(...), accelerator="cpu", devices=world_size)``. Every rank
 writes what it ends with to ``out_dir/<scenario>.rank<r>.pt``: initial and final parameters split
 into encoder and aggregator, and the loss of every step. Starting the processes once for all
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
 from lightning_wsi.data.sampling import shard_bounds
+from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
 SMALL_AGG = {
     "gma": {"hidden_dim": 32, "attention_dim": 16},
@@ -364,11 +366,16 @@ def run_world(world_size: int | None, scenarios: list[Scenario], out_dir: Path) 
         finally:
             torch.set_num_threads(threads)
         return
-    mp.spawn(
+    # Forked from this process (the code is imported already: a spawned rank spent about 5 s
+    # importing torch, Lightning and timm, most of a small world's time here). The OpenMP pool
+    # is released first, so a child can start its own (lightning_wsi.strategies.lifecycle).
+    release_openmp_threads()
+    mp.start_processes(
         _worker,
         args=(world_size, free_port(), scenarios, str(out_dir)),
         nprocs=world_size,
         join=True,
+        start_method="fork",
     )
 
 
