@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = ["WORKER_MEMORY_BYTES", "SlideJob", "TilingSummary", "available_memory
 # 0.23 GB above the imports for a 30,000 x 30,000 single-level TIFF; 1 GiB leaves headroom for
 # the largest masks and other codecs.
 WORKER_MEMORY_BYTES = 1 << 30
+# Seconds a dead tiling worker may go unnoticed by its pool before the pool is broken by hand.
+DEATH_GRACE_S = 10.0
 
 Tiler = Callable[..., SlideTiles]
 
@@ -196,12 +199,69 @@ class _Pool:
                 marker = str(self.markers / str(i))
                 futures[i] = pool.submit(_tile_job, jobs[i], self.tiler, self.tile_kwargs, marker)
                 futures[i].add_done_callback(_count_success(bar))
+            _watch(pool, list(futures.values()))
             for i, future in futures.items():
                 try:
                     results[i] = future.result()
                 except BrokenProcessPool:
                     broken.append(i)
         return broken
+
+
+def _watch(pool: ProcessPoolExecutor, futures: list[Future]) -> None:
+    """Wait for ``futures``; if a worker is dead for ``DEATH_GRACE_S`` seconds while the pool
+    still counts it alive, make its death visible: kill the pool's processes and its forkserver.
+
+    The pool learns of a dead worker from a pipe its forkserver writes the exit code to. Once,
+    under heavy load, that never came: the pool waited forever for a worker killed mid-slide.
+    Killing the server closes those pipes, so the pool breaks as it should (its lost jobs run
+    again, each alone) and the next pool starts a new server.
+    """
+    dead_since: float | None = None
+    while not all(f.done() for f in futures):
+        wait(futures, timeout=min(1.0, DEATH_GRACE_S))
+        processes = dict(getattr(pool, "_processes", None) or {})
+        if getattr(pool, "_broken", False) or not any(_is_dead(p) for p in processes):
+            dead_since = None
+            continue
+        dead_since = dead_since or time.monotonic()
+        if time.monotonic() - dead_since >= DEATH_GRACE_S:
+            for pid in [*processes, _forkserver_pid()]:
+                if pid is not None and not _is_dead(pid):
+                    _kill(pid)
+            dead_since = None
+
+
+def _is_dead(pid: int) -> bool:
+    """A process that has exited: gone, or a zombie nobody reaped (Linux ``/proc``; elsewhere
+    only a gone process counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _forkserver_pid() -> int | None:
+    """This process's forkserver, if it started one (CPython's module singleton)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
 def _count_success(bar: tqdm) -> Callable[[Future], None]:
@@ -221,7 +281,9 @@ def _run_alone(
     """Tile one slide in a fresh process of its own; its death is this slide's error."""
     try:
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            return pool.submit(_tile_job, job, tiler, tile_kwargs).result()
+            future = pool.submit(_tile_job, job, tiler, tile_kwargs)
+            _watch(pool, [future])
+            return future.result()
     except BrokenProcessPool:
         return SlideError(
             f"slide {job.slide_id!r}: the tiling worker process died while tiling {job.path} "

@@ -15,11 +15,13 @@ from slide_files import (
     grid_image,
     limit_address_space,
     tile_or_die,
+    tile_or_die_unseen,
     write_single_level_tiff,
     write_svs_with_mpp_text,
     write_tiff_with_corrupt_tiles,
 )
 
+import lightning_wsi.data.manifest_tiling as manifest_tiling
 import lightning_wsi.data.slide as slide_module
 from lightning_wsi.data.manifest_tiling import (
     WORKER_MEMORY_BYTES,
@@ -298,6 +300,24 @@ def test_a_killed_worker_costs_only_its_slide(grid_slide, tmp_path):
         "slide 's1': the tiling worker process died while tiling "
     )
     assert paths[1].name in str(summary.results[1]) and summary.n_failed == 1
+
+
+def test_a_worker_death_the_pool_never_hears_of_costs_only_its_slide(
+    grid_slide, tmp_path, monkeypatch
+):
+    """The dying worker stops the forkserver first, so the exit code never reaches the pool:
+    after ``DEATH_GRACE_S`` the watchdog kills the server, the pool breaks, and the slide is
+    tried alone (where the same happens) and named, while the others are tiled."""
+    monkeypatch.setattr(manifest_tiling, "DEATH_GRACE_S", 1.0)
+    paths = [grid_slide(BLOCK, 5, 5, 224, mpp=0.5, seed=i) for i in range(3)]
+    jobs = [SlideJob(f"s{i}", str(p)) for i, p in enumerate(paths)]
+    tiler = functools.partial(tile_or_die_unseen, die_for="s1")
+    summary = tile_many(jobs, num_workers=2, progress=False, tiler=tiler, cache_dir=tmp_path / "c")
+    lengths = [None if isinstance(r, SlideError) else len(r) for r in summary.results]
+    assert lengths == [9, None, 9]
+    assert str(summary.results[1]).startswith("slide 's1': the tiling worker process died")
+    again = tile_many(jobs[:1], num_workers=1, progress=False, cache_dir=tmp_path / "d")
+    assert len(again.results[0]) == 9  # the next pool starts a new forkserver
 
 
 def test_pool_size_respects_available_memory():
