@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lightning_wsi.data.external_tiling import read_external_tiling
-from lightning_wsi.data.processes import worker_context
+from lightning_wsi.data.processes import stop_forkserver, worker_context
 from lightning_wsi.data.slide import SlideError, out_of_memory
 from lightning_wsi.data.tiling import SlideTiles, tile_slide
 
@@ -226,9 +226,10 @@ def _watch(pool: ProcessPoolExecutor, futures: list[Future]) -> None:
             continue
         dead_since = dead_since or time.monotonic()
         if time.monotonic() - dead_since >= DEATH_GRACE_S:
-            for pid in [*processes, _forkserver_pid()]:
-                if pid is not None and not _is_dead(pid):
+            for pid in processes:
+                if not _is_dead(pid):
                     _kill(pid)
+            stop_forkserver()
             dead_since = None
 
 
@@ -255,13 +256,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
-
-
-def _forkserver_pid() -> int | None:
-    """This process's forkserver, if it started one (CPython's module singleton)."""
-    from multiprocessing import forkserver
-
-    return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
 def _count_success(bar: tqdm) -> Callable[[Future], None]:

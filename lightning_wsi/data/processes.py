@@ -16,12 +16,14 @@ import multiprocessing
 import multiprocessing.context
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["worker_context"]
+__all__ = ["stop_forkserver", "worker_context"]
 
 _GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]""")
 _warned = False
@@ -65,11 +67,35 @@ def _forget_a_parents_forkserver() -> None:
             ended = pid
         if not ended:
             return  # our own server, still running
-        if server._forkserver_alive_fd is not None:
-            os.close(server._forkserver_alive_fd)
-        server._forkserver_address = None
-        server._forkserver_alive_fd = None
-        server._forkserver_pid = None
+        _forget(server)
+
+
+def stop_forkserver() -> None:
+    """Kill this process's forkserver, if it started one, wait for it and forget it: the next
+    worker start launches a new server. For a server that no longer reports its children's
+    deaths (``manifest_tiling``); killing it closes the pipes a pool waits on."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    with server._lock:
+        pid = server._forkserver_pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass  # gone already, or a parent's (not ours to wait for)
+        _forget(server)
+
+
+def _forget(server: Any) -> None:
+    """Reset CPython's forkserver record (its pid, socket address and liveness pipe)."""
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+    server._forkserver_address = None
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
 
 
 def _main_is_safe_to_import() -> bool:
