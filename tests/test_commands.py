@@ -14,7 +14,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from nbclient import NotebookClient
+from omegaconf import OmegaConf
 
+from lightning_wsi import predict, summarize
 from lightning_wsi.train import ConfigError, check_tile_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,12 @@ def test_last_checkpoint_is_the_final_state_and_best_the_best_epoch(trained: Pat
     assert last["global_step"] == 2 * 6  # 6 training slides in each epoch
     assert best["epoch"] <= last["epoch"] and best["global_step"] <= last["global_step"]
     assert set(last["optimizer_states"][0]["state"]) and last["loops"]["fit_loop"]
+    # The default preset, trainer=cpu (32-true, no clipping): the fused AdamW (test_presets.py
+    # trains the other presets).
+    group = last["optimizer_states"][0]["param_groups"][0]
+    assert (group["foreach"], group["fused"]) == (None, True)
+    trainer = OmegaConf.load(trained / ".hydra" / "config.yaml").trainer
+    assert (trainer.precision, trainer.get("gradient_clip_val")) == ("32-true", None)
 
 
 def test_resume_continues_after_the_last_epoch_and_prints_honest_metrics(
@@ -190,9 +198,6 @@ def test_predict_on_the_trained_checkpoint(workdir: Path, trained: Path) -> None
         (["-m", "lightning_wsi.train", "aggregator=gmaa"], 1, "Available options in 'aggregator'"),
         (["-m", "lightning_wsi.train", "trainer.max_epoch=3"], 2,
          "unknown config key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
-        (["-m", "lightning_wsi.predict", "missing.ckpt", "slides.csv"], 2,
-         "error: checkpoint not found: missing.ckpt"),
-        (["-m", "lightning_wsi.summarize", "nowhere"], 2, "error: no summary.json under nowhere"),
         (["-m", "lightning_wsi.train", "ckpt_path=nowhere.ckpt"], 2,
          "error: ckpt_path=nowhere.ckpt: no such checkpoint file"),
         (["-m", "lightning_wsi.train", "experiment=foundation_study", "pretrain.steps=0",
@@ -205,6 +210,24 @@ def test_user_errors_are_one_clear_line(workdir: Path, args, code, expected) -> 
     assert done.returncode == code, done.stderr
     assert expected in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "expected"),
+    [
+        (predict.main, ["missing.ckpt", "slides.csv"], "error: checkpoint not found: missing.ckpt"),
+        (summarize.main, ["nowhere"], "error: no summary.json under nowhere"),
+    ],
+)
+def test_predict_and_summarize_errors_are_one_clear_line(
+    workdir: Path, monkeypatch, capsys, command, args, expected
+) -> None:
+    """In this process: their mains are plain functions (the train command's errors above run
+    as a real command, since Hydra owns its entry point)."""
+    monkeypatch.chdir(workdir)
+    assert command(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
 
 
 def test_every_config_composes() -> None:
