@@ -1,23 +1,24 @@
 """One failure, every rank knows: an exception on one rank stops both ranks at the same step.
 
-Each case runs two real processes (gloo) started by the test, as torchrun would start them; the
-failure happens on one rank only. Both must exit non-zero within 60 s, each naming the failing
-rank and the original message; without the failure flag on the step's exchanges the healthy rank
-would wait in a collective (for 30 minutes under NCCL).
+Each case runs two real processes (gloo) forked by the test with the environment torchrun gives
+a rank; the failure happens on one rank only. Both must exit non-zero within 60 s, each naming
+the failing rank and the original message; without the failure flag on the step's exchanges the
+healthy rank would wait in a collective (for 30 minutes under NCCL).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 import time
-from pathlib import Path
+import traceback
 
 import pytest
 from harness import free_port
 
-SCRIPT = Path(__file__).resolve().parent / "run_failure.py"
+from lightning_wsi.strategies.lifecycle import release_openmp_threads
+
 CASES = {
     "loss": "rank 0: FloatingPointError: loss exploded on slide",
     "target": "rank 0: KeyError:",
@@ -28,32 +29,59 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def outcomes() -> dict[str, list[tuple[int, float, str]]]:
-    """Start every case's two ranks at once; collect (exit code, seconds, stderr) per rank."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK"))}
+def outcomes(tmp_path_factory) -> dict[str, list[tuple[int, float, str]]]:
+    """Start every case's two ranks at once; collect (exit code, seconds, stderr) per rank.
+
+    Each rank is a process forked from this one (the code is imported already), with the
+    environment torchrun gives a rank and its stderr in a file; an exception that escapes
+    ``run_failure.main`` is printed there and exits 1, as Python would."""
+    import run_failure
+
+    folder = tmp_path_factory.mktemp("failures")
+    release_openmp_threads()  # each rank starts its own pool
     running = {}
     for case in CASES:
         port = str(free_port())
         for rank in (0, 1):
-            rank_env = {
-                **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-                "NODE_RANK": "0", "LOCAL_RANK": str(rank), "GLOBAL_RANK": str(rank),
-                "PYTHONWARNINGS": "ignore",
-            }  # fmt: skip
-            proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), case], env=rank_env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            running[(case, rank)] = (proc, time.monotonic())
+            err_path = folder / f"{case}.rank{rank}.err"
+            pid = os.fork()
+            if pid == 0:  # the rank: never returns into pytest
+                code = 1
+                try:
+                    sys.stderr = open(err_path, "w", buffering=1)  # noqa: SIM115 - until exit
+                    os.dup2(sys.stderr.fileno(), 2)  # what C code and gloo print, too
+                    os.environ.update(
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+                        NODE_RANK="0", LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
+                    )  # fmt: skip
+                    for key in [k for k in os.environ if k.startswith("PL_")]:
+                        del os.environ[key]
+                    run_failure.CASE = case
+                    run_failure.main()
+                    code = 0
+                except BaseException:  # noqa: BLE001 - what an uncaught exception prints
+                    traceback.print_exc()
+                finally:
+                    sys.stderr.flush()
+                    os._exit(code)
+            running[(case, rank)] = (pid, err_path, time.monotonic())
     results: dict[str, list[tuple[int, float, str]]] = {case: [] for case in CASES}
-    for (case, _rank), (proc, start) in running.items():
-        try:
-            _, err = proc.communicate(timeout=max(1.0, 300 - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        results[case].append((proc.returncode, time.monotonic() - start, err))
+    for (case, _rank), (pid, err_path, start) in running.items():
+        code = _wait(pid, deadline=start + 300)
+        results[case].append((code, time.monotonic() - start, err_path.read_text()))
     return results
+
+
+def _wait(pid: int, deadline: float) -> int:
+    """The exit code of a forked rank (a signal as its negative); past ``deadline`` it is
+    killed: -9."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("case", list(CASES))
