@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -129,11 +130,32 @@ def tile_or_die(path: str, *, die_for: str, **kwargs) -> SlideTiles:
 
 def tile_or_die_unseen(path: str, *, die_for: str, **kwargs) -> SlideTiles:
     """``tile_or_die``, except that first the worker stops its parent, the forkserver, so no
-    one reports its death to the pool (as happened once under heavy load)."""
+    one reports its death to the pool (as happened once under heavy load). It waits (up to 5 s)
+    for the pool's second worker first: a pool that asks a stopped server for a worker hangs in
+    ``submit``, before anything could watch it."""
     if kwargs.get("slide_id") == die_for:
-        os.kill(os.getppid(), signal.SIGSTOP)
+        server = os.getppid()
+        deadline = time.monotonic() + 5.0
+        while len(_children(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(server, signal.SIGSTOP)
         os.kill(os.getpid(), signal.SIGKILL)
     return tile_slide(path, **kwargs)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 def limit_address_space(margin: int) -> None:
