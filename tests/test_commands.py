@@ -133,22 +133,28 @@ def test_train_command_on_two_slide_parallel_processes(workdir: Path, trained: P
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_multirun_over_k_and_its_summary(workdir: Path, trained: Path) -> None:
+def test_multirun_over_k_on_two_slide_parallel_processes_and_its_summary(
+    workdir: Path, trained: Path
+) -> None:
+    """A ``-m`` sweep whose jobs each run on 2 processes: rank 1 re-runs its job, not the sweep
+    (Lightning's launcher passed ``-m K=4,16`` on, and every rank ran every job again)."""
     sweep = workdir / "sweep"
     done = _run(
         ["-m", "lightning_wsi.train", "-m", *TINY, "K=4,16", "trainer.max_epochs=1",
-         f"data.synthetic.root={workdir / 'slides'}", "data.synthetic.n_slides=8",
-         f"hydra.sweep.dir={sweep}"],
+         "strategy=slide_parallel", f"data.synthetic.root={workdir / 'slides'}",
+         "data.synthetic.n_slides=8", f"hydra.sweep.dir={sweep}"],
         workdir,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(list(sweep.rglob("summary.json"))) == 2
+    assert sorted(p.parent.name for p in sweep.rglob("summary.json")) == ["0_K=4", "1_K=16"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_K=4", "1_K=16"]
+    assert done.stdout.count("final validation metrics:") == 2  # rank 0 reports, once a job
     done = _run(["-m", "lightning_wsi.summarize", str(sweep)], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["K"]) for r in rows] == [4, 16]
-    assert all(r["stratum"] == "1 device, no chunking, end to end" for r in rows)
+    assert all(r["stratum"] == "2 devices, no chunking, end to end" for r in rows)
     assert (sweep / "k_sweep.png").stat().st_size > 10_000
     assert "val AUROC [95% CI]" in done.stdout
 

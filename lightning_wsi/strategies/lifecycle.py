@@ -53,7 +53,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import (
     _MultiProcessingLauncher,
-    _SubprocessScriptLauncher,
 )
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer.states import TrainerStatus
@@ -154,7 +153,10 @@ def launcher_for(strategy: DDPStrategy) -> _Launcher:
     assert environment is not None
     start_method = strategy._start_method
     if start_method == "popen":
-        return _SubprocessScriptLauncher(environment, strategy.num_processes, strategy.num_nodes)
+        from lightning_wsi.strategies.hydra_launch import HydraJobLauncher
+
+        # Lightning's re-run of the command, except that a sweep's job re-runs only that job.
+        return HydraJobLauncher(environment, strategy.num_processes, strategy.num_nodes)
     return ForkSafeLauncher(strategy, start_method=start_method)
 
 
