@@ -14,9 +14,14 @@ tile by tile, so neither the writer nor anything else holds the whole level in m
 4. with ``--step``, one training step over **all** tissue tiles (``k=None``) on one CPU process,
    chunked gradient caching, a small encoder; in a fresh process each, its peak RSS above the
    process's footprint before the step, against the same step with 1,000 tiles (goal: at most
-   1.3x), and the time.
+   1.3x), and the time;
+5. with ``--step`` or ``--validate-only``, validation on all tissue tiles, streamed in parts of
+   ``--eval-part-size`` tiles (``SlideDataModule(eval_part_size=...)``), against the one-item
+   path (``eval_part_size=None``, all tiles in one item): peak RSS above the set-up process and,
+   on CUDA, peak device memory; with parts it no longer grows with the slide.
 
     python benchmarks/real_size_slide.py [--root outputs/benchmarks/real_size] [--step]
+    python benchmarks/real_size_slide.py --validate-only   # the slide written once, then cached
 """
 
 from __future__ import annotations
@@ -155,10 +160,14 @@ def _bare_rate(path: Path, coords: np.ndarray, size0: int, size: int) -> tuple[f
     return rate, level
 
 
-def _step_worker(path: str, k: int | None, chunk: int, stage: str = "fit") -> dict:
+def _step_worker(
+    path: str, k: int | None, chunk: int, stage: str = "fit", part_size: int | None = None
+) -> dict:
     """In this process: one chunked training step over ``k`` tiles (``None``: all), or
-    (``stage="validate"``) validation on all tiles, through the data module as training reads
-    the slide. Peak RSS is measured above the footprint just before the step (after setup)."""
+    (``stage="validate"``) validation on all tiles in parts of ``part_size`` (``None``: one
+    item), on CUDA when there is one, through the data module as training reads the slide. Peak
+    RSS is measured above the footprint just before the step (after setup), and peak device
+    memory on CUDA."""
     import lightning as L
     import torch
 
@@ -172,11 +181,14 @@ def _step_worker(path: str, k: int | None, chunk: int, stage: str = "fit") -> di
     dm = SlideDataModule(
         manifest, k=k or "all", mpp=0.5, tile_size=224, num_workers=0, progress=False,
         cache_dir=str(Path(path).parent / ".tiles"), eval_k=None, val_fraction=0.0,
+        eval_part_size=part_size,
     )  # fmt: skip
     module = SlideModule("test_resnet", "gma", "binary", lr_schedule="constant",
                          eval_chunk_size=chunk)  # fmt: skip
+    cuda = stage != "fit" and torch.cuda.is_available()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        accelerator="gpu" if cuda else "cpu", devices=1, max_steps=1, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         strategy=SlideParallelStrategy(encode_chunk_size=chunk),
     )  # fmt: skip
@@ -197,11 +209,15 @@ def _step_worker(path: str, k: int | None, chunk: int, stage: str = "fit") -> di
     else:
         trainer.validate(module, dm, verbose=False)
     took = time.perf_counter() - start
-    return {"tiles": tiles, "peak_mib": (rss("VmHWM") - before) / 1024, "seconds": took}
+    device = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"tiles": tiles, "peak_mib": (rss("VmHWM") - before) / 1024, "seconds": took,
+            "device_mib": device}  # fmt: skip
 
 
-def _run_step(path: Path, k: int | None, chunk: int, stage: str = "fit") -> dict:
-    call = f"b._step_worker({str(path)!r}, {k!r}, {chunk}, {stage!r})"
+def _run_step(
+    path: Path, k: int | None, chunk: int, stage: str = "fit", part_size: int | None = None
+) -> dict:
+    call = f"b._step_worker({str(path)!r}, {k!r}, {chunk}, {stage!r}, {part_size!r})"
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import real_size_slide as b; print(json.dumps({call}))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -255,6 +271,11 @@ def main() -> None:
     parser.add_argument("--step", action="store_true", help="also the all-tiles training step")
     parser.add_argument("--step-only", action="store_true", help="only the steps (slide written)")
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument(
+        "--validate-only", action="store_true",
+        help="only validation in parts against one item (slide written)",
+    )  # fmt: skip
+    parser.add_argument("--eval-part-size", type=int, default=1024)
     args = parser.parse_args()
 
     import openslide
@@ -265,22 +286,39 @@ def main() -> None:
         print(f"{path.name}: {osr.properties.get('openslide.vendor')}, levels {dims}, "
               f"{path.stat().st_size / 2**30:.2f} GiB")  # fmt: skip
 
-    if not args.step_only:
+    if not (args.step_only or args.validate_only):
         _read_figures(path, args.k)
+    if args.validate_only:
+        _validation_figures(path, args.chunk, args.eval_part_size)
+        return
 
     if args.step or args.step_only:
         small = _run_step(path, 1000, args.chunk)
         full = _run_step(path, None, args.chunk)
-        val = _run_step(path, None, args.chunk, "validate")
         print(
             f"chunk {args.chunk}, test_resnet, one CPU process, peak RSS above the set-up process:"
         )
-        for name, r in (("train, 1,000 tiles", small), ("train, all tiles", full),
-                        ("validate, all tiles", val)):  # fmt: skip
-            print(f"  {name:>20}: {r['tiles']} tiles, peak +{r['peak_mib']:.0f} MiB, "
-                  f"{r['seconds']:.1f} s")  # fmt: skip
+        for name, r in (("train, 1,000 tiles", small), ("train, all tiles", full)):
+            _print_run(name, r)
         print(f"  training peak ratio all / 1,000: {full['peak_mib'] / small['peak_mib']:.2f} "
               "(goal <= 1.3)")  # fmt: skip
+        _validation_figures(path, args.chunk, args.eval_part_size)
+
+
+def _print_run(name: str, r: dict) -> None:
+    device = f", device peak {r['device_mib']:.0f} MiB" if r.get("device_mib") is not None else ""
+    print(f"  {name:>34}: {r['tiles']} tiles, peak +{r['peak_mib']:.0f} MiB{device}, "
+          f"{r['seconds']:.1f} s")  # fmt: skip
+
+
+def _validation_figures(path: Path, chunk: int, part_size: int) -> None:
+    """Validation on all tiles: in parts of ``part_size``, and as one item (part 5)."""
+    parts = _run_step(path, None, chunk, "validate", part_size)
+    whole = _run_step(path, None, chunk, "validate", None)
+    print(f"validation, chunk {chunk}, test_resnet, one process, peak RSS above set-up:")
+    _print_run(f"in parts of {part_size} tiles", parts)
+    _print_run("as one item (eval_part_size=None)", whole)
+    print(f"  peak ratio parts / one item: {parts['peak_mib'] / whole['peak_mib']:.2f}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ __all__ = ["main", "predict"]
 
 _DATA_KEYS = (
     "mpp", "tile_size", "min_tissue_fraction", "task", "num_classes", "classes", "mean", "std",
-    "slide_mpp", "eval_k",
+    "slide_mpp", "eval_k", "eval_part_size",
 )  # fmt: skip
 
 
@@ -88,7 +88,9 @@ def predict(
         accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
         enable_checkpointing=False, enable_model_summary=False,
     )  # fmt: skip
-    predictions = trainer.predict(module, datamodule=datamodule)
+    # One per slide: evaluation parts before a slide's last predict nothing (None).
+    predicted_parts = trainer.predict(module, datamodule=datamodule) or []
+    predictions = [p for p in predicted_parts if p is not None]
     if not trainer.is_global_zero:  # the same predictions as rank 0, which writes them
         return predictions
     out.mkdir(parents=True, exist_ok=True)

@@ -241,7 +241,9 @@ def _strict_json(value: Any) -> Any:
 
 
 def _gather(trainer: L.Trainer, predictions: list[dict]) -> list[dict]:
-    """Every rank's predictions (plain DDP splits the slides; slide-parallel ranks agree)."""
+    """Every rank's predictions (plain DDP splits the slides; slide-parallel ranks agree), one
+    per slide: the ``None`` of evaluation parts before a slide's last are left out."""
+    predictions = [p for p in predictions or () if p is not None]
     if trainer.world_size == 1 or getattr(trainer.strategy, "slide_parallel", False):
         return predictions
     everyone: list[Any] = [None] * trainer.world_size
@@ -351,6 +353,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     stdout = sys.stdout
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         sys.stdout = _Tee(stdout, output_dir / f"{hydra_cfg.job.name}.log")
+    launched = {k: os.environ.get(k) for k in _LAUNCH_KEYS}
     try:
         run(cfg, output_dir)
     except USER_ERRORS as err:
@@ -363,6 +366,22 @@ def _hydra_main(cfg: DictConfig) -> None:
             sys.stdout.flush()
             sys.stdout.file.close()
             sys.stdout = stdout
+        _restore_environment(launched)
+
+
+# What Lightning's launcher writes into this process's environment when it starts the other
+# ranks. Left set, the next job of a `-m` sweep (same process) would find LOCAL_RANK and take
+# its ranks for started by someone else: it waited for a rank 1 that nobody started.
+_LAUNCH_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _restore_environment(before: dict[str, str | None]) -> None:
+    """Put the launch variables back as they were before the job (unset if they were)."""
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _one_line(err: BaseException) -> str:

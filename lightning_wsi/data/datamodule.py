@@ -76,6 +76,10 @@ class SlideDataModule(LightningDataModule):
         mpp: microns per pixel of the tiles (0.5 = 20x).
         tile_size: tile side in pixels.
         eval_k: cap on tiles per slide in evaluation; ``None`` takes all.
+        eval_part_size: tiles per evaluation item: a slide's evaluation tiles come in
+            consecutive parts of this many, read ahead by the loader's workers and collected
+            per slide by the module (or strategy), so host memory is bounded by the part, not
+            the slide. ``None``: one item per slide (all its tiles at once).
         min_tissue_fraction: keep grid tiles with at least this much tissue.
         task: ``"binary"``, ``"multiclass"`` or ``"regression"``: how labels are checked.
         num_classes: number of classes for ``"multiclass"`` with integer labels.
@@ -135,6 +139,7 @@ class SlideDataModule(LightningDataModule):
         tile_size: int = 224,
         *,
         eval_k: int | None = None,
+        eval_part_size: int | None = 1024,
         min_tissue_fraction: float = 0.5,
         task: Literal["binary", "multiclass", "regression", "ordinal", "survival"] = "binary",
         num_classes: int | None = None,
@@ -176,6 +181,16 @@ class SlideDataModule(LightningDataModule):
         k = _tiles_per_slide(k)
         if eval_k is not None and eval_k < 1:
             raise ValueError(f"eval_k must be >= 1 or None (all tiles), got eval_k={eval_k}")
+        if eval_part_size is not None and (
+            isinstance(eval_part_size, bool)
+            or not isinstance(eval_part_size, int)
+            or eval_part_size < 1
+        ):
+            raise ValueError(
+                f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
+                f"(one item per slide), got eval_part_size={eval_part_size!r}"
+            )
+        self.eval_part_size = eval_part_size
         check_tiling_params(mpp, tile_size, min_tissue_fraction)  # before any slide is read
         self.manifest = Path(manifest)
         self.k, self.eval_k, self.mpp, self.tile_size = k, eval_k, mpp, tile_size
@@ -496,6 +511,7 @@ class SlideDataModule(LightningDataModule):
             shard_count=group.size,
             augment=self.augment if train else None,
             max_bad_tile_fraction=self.max_bad_tile_fraction,
+            part_size=None if train else self.eval_part_size,
         )
         index = {entry.slide_id: i for i, entry in enumerate(slides)}
 
@@ -512,6 +528,7 @@ class SlideDataModule(LightningDataModule):
             pad=train,
             epoch_source=self._epoch if train and self.trainer is not None else None,
             dropped_source=dropped,
+            parts=None if train or self.eval_part_size is None else _parts_of(dataset),
         )
         loader_class = DeferredDataLoader if train else DataLoader
         return loader_class(
@@ -560,6 +577,11 @@ class SlideDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every usable slide of the splits in ``predict_splits`` (default: all of them)."""
         return self._loader(None, train=False)
+
+
+def _parts_of(dataset: SlideDataset) -> list[int]:
+    """Evaluation items of each of the dataset's slides."""
+    return [dataset.num_parts(i) for i in range(len(dataset))]
 
 
 def _stratum(target: Any) -> int | float:

@@ -16,6 +16,8 @@ from lightning_wsi.data.augment import TileAugment
 from lightning_wsi.data.problems import DEFAULT_MAX_BAD_TILE_FRACTION, max_bad_tiles, slide_problem
 from lightning_wsi.data.sampling import (
     eval_tile_indices,
+    num_parts,
+    part_bounds,
     sample_tile_indices,
     shard_bounds,
     tile_rng,
@@ -93,6 +95,15 @@ class SlideDataset(Dataset):
     (epoch 0); ``(slide_index, epoch, reason)`` asks for a slide dropped earlier in the run,
     which is not read again (an item without tiles whose ``slide_problem`` is ``reason``).
 
+    Evaluation in parts (``part_size``, with ``k=None``): an item is part ``p`` of a slide, keyed
+    ``(slide_index, epoch, reason_or_None, p)``: the ``p``-th run of ``part_size`` consecutive
+    positions of the slide's evaluation order (``num_parts(index)`` parts in all), of which this
+    rank reads its shard, so an item's memory is bounded by ``part_size`` whatever the slide's
+    size. ``num_tiles`` and ``max_bad_tiles`` stay the whole slide's; ``tile_problems`` are the
+    part's. A part of a slide of several parts reports only what stops the whole slide (its file
+    vanished); whether the slide's left-out tiles are too many is judged over all its parts, by
+    whoever collects them (:class:`~lightning_wsi.data.parts.SlideParts`).
+
     A bad tile costs a tile: a read that fails is retried once with the slide reopened; if it
     fails again the tile is left out of the item (and listed in ``tile_problems``). When the file
     has vanished or cannot be reopened, or more than ``max_bad_tile_fraction`` of the sample
@@ -106,7 +117,8 @@ class SlideDataset(Dataset):
         ``tile_index`` ``[k_r]`` int64 positions in the slide's tile list; ``num_tiles`` int, the
         size of the whole sample over all shards; ``tile_problems`` list of ``{"x", "y",
         "error"}`` of tiles left out; ``max_bad_tiles`` int, how many the whole sample
-        tolerates; ``slide_problem`` str or ``None``.
+        tolerates; ``slide_problem`` str or ``None``; ``part`` int (0-based) and ``parts`` int,
+        this item's part of the slide and how many it has (``0`` and ``1`` without parts).
     """
 
     def __init__(
@@ -120,7 +132,20 @@ class SlideDataset(Dataset):
         shard_count: int = 1,
         augment: TileAugment | None = None,
         max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
+        part_size: int | None = None,
     ) -> None:
+        if part_size is not None and (
+            isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1
+        ):
+            raise ValueError(
+                f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
+                f"(one item per slide), got {part_size!r}"
+            )
+        if part_size is not None and k is not None:
+            raise ValueError(
+                f"eval_part_size applies to evaluation (k=None), got k={k} with "
+                f"part_size={part_size}; leave part_size None for a training dataset"
+            )
         if not 0.0 <= max_bad_tile_fraction < 1.0:
             raise ValueError(
                 f"max_bad_tile_fraction must lie in [0, 1), got {max_bad_tile_fraction}"
@@ -133,6 +158,7 @@ class SlideDataset(Dataset):
         self.shard_rank = shard_rank
         self.shard_count = shard_count
         self.augment = augment
+        self.part_size = part_size
         self._open: OrderedDict[str, Slide] = OrderedDict()
         self._pid = os.getpid()
 
@@ -149,12 +175,25 @@ class SlideDataset(Dataset):
             n_tiles, self.k, seed=self.seed, epoch=epoch, slide_id=entry.slide_id
         )
 
+    def num_parts(self, index: int) -> int:
+        """Evaluation items of slide ``index``: 1 without ``part_size``."""
+        if self.part_size is None:
+            return 1
+        return num_parts(len(self.sample_indices(index, 0)), self.part_size)
+
     def __getitem__(self, key: int | tuple) -> dict[str, Any]:
-        index, epoch, dropped = (key, 0, None) if not isinstance(key, tuple) else (*key, None)[:3]
+        index, epoch, dropped, part = _parse_key(key)
         entry = self.slides[index]
         sample = self.sample_indices(index, epoch)
-        start, stop = shard_bounds(len(sample), self.shard_rank, self.shard_count)
-        shard = sample[start:stop]
+        parts = 1 if dropped is not None else num_parts(len(sample), self.part_size)
+        if part >= parts:
+            raise IndexError(
+                f"slide {entry.slide_id!r} has {parts} evaluation parts (eval_part_size="
+                f"{self.part_size}), part {part} was asked for"
+            )
+        first, last = part_bounds(len(sample), part, self.part_size if parts > 1 else None)
+        start, stop = shard_bounds(last - first, self.shard_rank, self.shard_count)
+        shard = sample[first + start : first + stop]
         symmetries, factors = [0] * len(shard), None
         if self.augment is not None:
             draws = [
@@ -168,7 +207,8 @@ class SlideDataset(Dataset):
             pixels, kept, problems, problem = self._empty(entry), [], [], str(dropped)
         else:
             pixels, kept, problems, problem = self._read(entry, shard, symmetries)
-            problem = slide_problem(len(problems), len(sample), tolerated, problem)
+            if parts == 1:  # else judged over the slide's parts, by the collector
+                problem = slide_problem(len(problems), len(sample), tolerated, problem)
         if problem is not None:  # nothing of this slide is used in this step
             pixels, kept = self._empty(entry), []
         shard = shard[kept]
@@ -193,6 +233,8 @@ class SlideDataset(Dataset):
             tile_problems=problems,
             max_bad_tiles=tolerated,
             slide_problem=problem,
+            part=part,
+            parts=parts,
         )
         if isinstance(entry, BagEntry):  # which slide each tile is from (heatmaps per slide)
             item["slide_index"] = torch.from_numpy(member)
@@ -283,6 +325,14 @@ class SlideDataset(Dataset):
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # handles do not cross process boundaries (spawn)
         return state
+
+
+def _parse_key(key: int | tuple) -> tuple[int, int, str | None, int]:
+    """``(slide_index, epoch, dropped reason or None, part)`` of a dataset key."""
+    if not isinstance(key, tuple):
+        return int(key), 0, None, 0
+    index, epoch, dropped, part = (tuple(key) + (0, 0, None, 0)[len(key) :])[:4]
+    return int(index), int(epoch), None if dropped is None else str(dropped), int(part)
 
 
 def _reason(error: BaseException) -> str:

@@ -9,7 +9,7 @@ would draw, and the shards concatenated in rank order are exactly that sample.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,8 @@ __all__ = [
     "SlideGroup",
     "SlideSampler",
     "eval_tile_indices",
+    "num_parts",
+    "part_bounds",
     "sample_tile_indices",
     "shard_bounds",
     "slide_group",
@@ -59,6 +61,25 @@ def eval_tile_indices(n_tiles: int, eval_k: int | None = None) -> np.ndarray:
     if eval_k is None or n_tiles <= eval_k:
         return np.arange(n_tiles, dtype=np.int64)
     return (np.arange(eval_k, dtype=np.int64) * n_tiles) // eval_k
+
+
+def num_parts(n: int, part_size: int | None) -> int:
+    """How many evaluation items a sample of ``n`` tiles makes with ``part_size`` tiles per item
+    (``None``: one); a sample without tiles is still one item, which says so."""
+    if part_size is None or n <= part_size:
+        return 1
+    return -(-n // part_size)
+
+
+def part_bounds(n: int, part: int, part_size: int | None) -> tuple[int, int]:
+    """``[start, stop)`` of part ``part`` of a sample of ``n`` tiles: consecutive runs of
+    ``part_size`` (the last may be shorter), so the parts in order are the whole sample."""
+    count = num_parts(n, part_size)
+    if not 0 <= part < count:
+        raise ValueError(f"part must lie in [0, {count}) for {n} tiles, got {part}")
+    if part_size is None:
+        return 0, n
+    return part * part_size, min(n, (part + 1) * part_size)
 
 
 def shard_bounds(k: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -144,6 +165,11 @@ class SlideSampler(DistributedSampler):
     With more than one group, the training order is padded by repeating slides from its start so
     every group steps equally; evaluation orders are not padded (every slide once).
 
+    Evaluation in parts (``parts`` given, a count per slide): a slide of ``parts[i]`` parts is
+    yielded as ``(i, epoch, None, 0)``, ..., ``(i, epoch, None, parts[i] - 1)``, consecutively;
+    every rank of a group gets the same ``(slide, part)`` sequence, and a group's slides are the
+    same as without parts. A dropped slide is one item, ``(i, epoch, reason, 0)``.
+
     It subclasses ``DistributedSampler`` so Lightning leaves it in place instead of injecting
     its own. The epoch is taken from ``epoch_source`` when given (the trainer's progress): with
     loader workers a resumed run creates its first iterator before ``set_epoch`` is called
@@ -162,6 +188,8 @@ class SlideSampler(DistributedSampler):
             they keep their place in the order (every rank steps equally) but are yielded as
             ``(slide_index, epoch, reason)``, which the dataset answers without reading them.
         group_size: ranks per slide group (see above); must divide ``num_replicas``.
+        parts: evaluation items per slide (``SlideDataset.num_parts``), or ``None`` for one item
+            per slide with today's keys.
     """
 
     def __init__(
@@ -177,7 +205,13 @@ class SlideSampler(DistributedSampler):
         epoch_source: Callable[[], int] | None = None,
         dropped_source: Callable[[], Mapping[int, str]] | None = None,
         group_size: int | None = None,
+        parts: Sequence[int] | None = None,
     ) -> None:
+        if parts is not None and (len(parts) != n_slides or any(int(p) < 1 for p in parts)):
+            raise ValueError(
+                f"parts must give a count >= 1 for each of the {n_slides} slides, got {parts!r}"
+            )
+        self.parts = None if parts is None else [int(p) for p in parts]
         # DistributedSampler.__init__ needs a dataset and maybe a process group; set its fields.
         self.n_slides = n_slides
         self.shuffle = shuffle
@@ -212,15 +246,25 @@ class SlideSampler(DistributedSampler):
             order = np.concatenate([order, np.resize(order, missing)])
         return order[self.group.index :: groups]
 
-    def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, str]]:
-        epoch = self.current_epoch()
+    def keys(self, epoch: int) -> list[tuple]:
+        """The dataset keys of ``epoch`` for this rank, in order (see the class docstring)."""
         dropped = self.dropped_source() if self.dropped_source is not None else {}
-        return iter(
-            [
-                (int(i), epoch, dropped[i]) if i in dropped else (int(i), epoch)
-                for i in self.order(epoch)
-            ]  # fmt: skip
-        )
+        keys: list[tuple] = []
+        for i in (int(i) for i in self.order(epoch)):
+            if self.parts is None:
+                keys.append((i, epoch, dropped[i]) if i in dropped else (i, epoch))
+            elif i in dropped:
+                keys.append((i, epoch, dropped[i], 0))
+            else:
+                keys.extend((i, epoch, None, p) for p in range(self.parts[i]))
+        return keys
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.keys(self.current_epoch()))
 
     def __len__(self) -> int:
-        return len(self.order(0))
+        # With parts, a dropped slide is one item: the length must match the iteration, or the
+        # evaluation loop would stop early.
+        if self.parts is None:
+            return len(self.order(0))
+        return len(self.keys(self.current_epoch()))

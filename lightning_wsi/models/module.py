@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from typing_extensions import override
 
+from lightning_wsi.data.parts import CollectedSlide, SlideParts, whole_slide_batch
 from lightning_wsi.data.problems import dropped_prediction
 from lightning_wsi.data.transfer import normalize
 from lightning_wsi.models.aggregators import AggregatorOutput, build_aggregator
@@ -175,6 +176,7 @@ class SlideModule(L.LightningModule):
         self.channels_last = channels_last
         self.eval_chunk_size = eval_chunk_size
         self.tile_normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._eval_parts = SlideParts()  # a slide's evaluation parts (eval_part_size)
         self.val_metrics = MetricCollection(self.task.metrics(), prefix="val/")
         self.test_metrics = MetricCollection(self.task.metrics(), prefix="test/")
 
@@ -311,21 +313,36 @@ class SlideModule(L.LightningModule):
 
     @override
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if _unusable(batch):  # dropped: it counts in no metric (the problem record names it)
+        # A slide's parts are collected; only its last evaluates it. Dropped: it counts in no
+        # metric (the problem record names it).
+        slide, whole = self._collect_part(batch)
+        if slide is None or slide.verdict is not None:
             return None
-        return self.evaluate_output(self._evaluate_slide(batch), batch, "val")
+        return self.evaluate_output(self._aggregate_collected(slide), whole, "val")
 
     @override
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if _unusable(batch):
+        slide, whole = self._collect_part(batch)
+        if slide is None or slide.verdict is not None:
             return None
-        return self.evaluate_output(self._evaluate_slide(batch), batch, "test")
+        return self.evaluate_output(self._aggregate_collected(slide), whole, "test")
 
     @override
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        if _unusable(batch):
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """A slide's prediction at its last part (``None`` for the parts before it)."""
+        slide, whole = self._collect_part(batch)
+        if slide is None:
+            return None
+        if slide.verdict is not None:
             return dropped_prediction(batch)
-        return self.predict_output(self._evaluate_slide(batch), batch)
+        return self.predict_output(self._aggregate_collected(slide), whole)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        """The parts before a slide's last predict nothing (``None``): the returned list holds
+        one prediction per slide, in the loader's order."""
+        for outputs in self.trainer.predict_loop._predictions:
+            outputs[:] = [o for o in outputs if o is not None]
 
     def _skipped_step(self) -> torch.Tensor | None:
         """A slide that could not be read trains nothing. One process skips the step (``None``);
@@ -407,11 +424,39 @@ class SlideModule(L.LightningModule):
 
     # ----------------------------------------------------------------- helpers
 
-    def _evaluate_slide(self, batch: Mapping[str, Any]) -> AggregatorOutput:
-        features = self.encode_in_chunks(batch["tiles"])
-        coords = batch.get("coords")
-        with torch.no_grad():
-            return self.aggregate(features, None if coords is None else coords.to(self.device))
+    def _collect_part(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[CollectedSlide | None, Mapping[str, Any]]:
+        """Encode one evaluation part (a whole slide is one part) and add it to the slide.
+
+        Returns ``(None, batch)`` before the slide's last part; at the last, the collected slide
+        and the whole slide's batch. The slide's verdict (left-out tiles of all parts against
+        ``max_bad_tiles``, or a reason the loader gave) is written into ``batch`` as
+        ``slide_problem`` once, at the last part, for the problem record.
+        """
+        parts = self._eval_parts
+        parts.begin(batch)
+        parts.add_problems(len(batch.get("tile_problems") or ()), batch.get("slide_problem"))
+        tiles = batch["tiles"]
+        if not parts.dropped and len(tiles):
+            coords, index = batch.get("coords"), batch.get("slide_index")
+            parts.add(
+                len(tiles),
+                self.encode_in_chunks(tiles),
+                None if coords is None else coords.to(self.device),
+                None if index is None else torch.as_tensor(index).to(self.device),
+            )
+        if not parts.last:
+            _set_problem(batch, None)  # recorded once, at the slide's last part
+            return None, batch
+        slide = parts.finish()
+        _set_problem(batch, slide.verdict)
+        return slide, whole_slide_batch(batch, slide)
+
+    @torch.no_grad()
+    def _aggregate_collected(self, slide: CollectedSlide) -> AggregatorOutput:
+        assert slide.features is not None
+        return self.aggregate(slide.features, slide.coords)
 
     def _target(self, batch: Mapping[str, Any], output: AggregatorOutput) -> torch.Tensor:
         if "target" not in batch:
@@ -441,6 +486,12 @@ def _check_finetuning(
             "Expected `layer_decay` with a trainable encoder, got freeze_encoder=True: a frozen "
             "encoder has no learning rate to decay; set layer_decay=null."
         )
+
+
+def _set_problem(batch: Mapping[str, Any], problem: str | None) -> None:
+    """Write a slide's verdict into its batch (a mapping the loader made; left alone if not)."""
+    if isinstance(batch, MutableMapping):
+        batch["slide_problem"] = problem
 
 
 def _unusable(batch: Mapping[str, Any]) -> bool:

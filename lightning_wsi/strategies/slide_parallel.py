@@ -55,6 +55,7 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_wsi.data.parts import SlideParts, whole_slide_batch
 from lightning_wsi.data.problems import dropped_prediction, merge_into_batch, slide_problem
 from lightning_wsi.data.sampling import SlideGroup, shard_bounds, slide_group
 from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encode_in_chunks
@@ -217,6 +218,7 @@ class SlideParallelStrategy(DDPStrategy):
         self._groups = SlideProcessGroups()  # this rank's slide group's process groups
         self._step_groups = (1, 1)  # groups with a usable slide, with tiles: this step (host)
         self._batchnorm: BatchNormStats | None = None
+        self._eval_parts = SlideParts()  # this rank's view of the slide being evaluated
         self._seed = 0
         self._owns_process_group = False
 
@@ -636,38 +638,64 @@ class SlideParallelStrategy(DDPStrategy):
             )
         batch = _batch(args, kwargs)
         error = load_error(batch)
+        parts = self._eval_parts
         tiles, coords, features = None, None, None
         with context(), torch.no_grad():
             if error is None:
                 try:
+                    parts.begin(batch)  # the same (slide, part) sequence on every rank
                     tiles, coords = self._local_shard(batch)
-                    features = self._encode_for_evaluation(module, tiles) if len(tiles) else None
+                    if len(tiles) and not parts.dropped:
+                        features = self._encode_for_evaluation(module, tiles)
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error, features = err, None
             info = self._exchange(features, tiles, batch, error)
             if info.failed:  # the group's ranks; with several groups, the others stop at teardown
                 raise_together(self._groups.host, error, f"{stage} step")
-            if self._slide_verdict(info, batch) is not None:  # in no metric; predict says why
+            self._collect_part(parts, info, features, coords, batch)
+            if not parts.last:  # the slide is judged (and its drop recorded) at its last part
+                if isinstance(batch, MutableMapping):
+                    batch["slide_problem"] = None
+                return None
+            slide = parts.finish()
+            if slide.verdict is not None:  # in no metric; predict says why
+                if isinstance(batch, MutableMapping):
+                    batch["slide_problem"] = slide.verdict
                 return dropped_prediction(batch) if stage == "predict" else None
-            features, all_features, _ = self._gather(info, features, None)
-            all_coords = None  # every rank needs them for the per-slide outputs
-            if coords is not None:
-                all_coords = all_gather_rows(coords.to(self.root_device), info, self._groups.device)
             output = None
             if self._leads:
                 try:
-                    output = module.aggregate(all_features, all_coords)
+                    output = module.aggregate(slide.features, slide.coords)
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error = err
         output = self._broadcast_output(output, error, stage)
-        full_batch = {k: v for k, v in batch.items() if k not in ("tiles", "tile_index")}
-        full_batch["coords"] = all_coords
-        if batch.get("slide_index") is not None:  # a patient bag: per tile, like coords
-            index = batch["slide_index"].to(self.root_device)
-            full_batch["slide_index"] = all_gather_rows(index, info, self._groups.device)
+        full_batch = whole_slide_batch(batch, slide)
         if stage == "predict":
             return method(output, full_batch)
         return method(output, full_batch, stage)
+
+    def _collect_part(
+        self,
+        parts: SlideParts,
+        info: ShardInfo,
+        features: torch.Tensor | None,
+        coords: torch.Tensor | None,
+        batch: Mapping[str, Any],
+    ) -> None:
+        """Add this evaluation part to the slide: its problems (every rank's, merged into
+        ``batch``), and unless the slide is already lost its features gathered on the group's
+        rank 0 and its coords (and a bag's ``slide_index``) on every rank, in rank order."""
+        parts.add_problems(info.bad_tiles, self._merge_problems(info, batch))
+        if parts.dropped or info.total == 0:
+            return
+        _, all_features, _ = self._gather(info, features, None)
+        device = self._groups.device
+        all_coords, index = None, batch.get("slide_index")
+        if coords is not None:
+            all_coords = all_gather_rows(coords.to(self.root_device), info, device)
+        if index is not None:  # a patient bag: which slide each tile is from, like coords
+            index = all_gather_rows(torch.as_tensor(index).to(self.root_device), info, device)
+        parts.add(info.total, all_features, all_coords, index)
 
     @override
     def on_predict_end(self) -> None:
@@ -679,9 +707,9 @@ class SlideParallelStrategy(DDPStrategy):
         if group.count == 1 or not loop.return_predictions:
             return
         # The loop returns these lists (one per loader) after this hook: filled in place.
-        for outputs in loop._predictions:
+        for outputs in loop._predictions:  # without the None of parts before a slide's last
             outputs[:] = interleave_group_outputs(
-                outputs, group.count, self._leads, self._host_group
+                [o for o in outputs if o is not None], group.count, self._leads, self._host_group
             )
 
     def _encode_for_evaluation(self, module: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
@@ -731,21 +759,9 @@ class SlideParallelStrategy(DDPStrategy):
         """Why no rank uses this slide in this step, or ``None``: the same answer on every rank.
 
         Tiles a loader left out are summed over ranks and judged against the whole sample, as
-        one process would judge them. When any rank had a problem, every rank's record is
-        gathered (host group) and written into every rank's ``batch``, so the problem record
-        (``data.problems.ProblemRecorder``) is the same everywhere.
+        one process would judge them (:meth:`_merge_problems`).
         """
-        reported = None
-        if info.has_problems and self.slide_group.size > 1:
-            mine = (list(batch.get("tile_problems") or ()), batch.get("slide_problem"))
-            everyone: list[Any] = [None] * self.slide_group.size
-            dist.all_gather_object(everyone, mine, group=self._groups.host)
-            reasons = [r for _, r in everyone if r]
-            reported = reasons[0] if reasons else None
-            if isinstance(batch, MutableMapping):
-                merge_into_batch(batch, [p for tiles, _ in everyone for p in tiles], None)
-        elif info.has_problems:
-            reported = batch.get("slide_problem")
+        reported = self._merge_problems(info, batch)
         num_tiles = int(batch.get("num_tiles", info.total + info.bad_tiles))
         verdict = slide_problem(info.bad_tiles, num_tiles, info.max_bad_tiles, reported)
         if verdict is None and info.total == 0:
@@ -753,6 +769,23 @@ class SlideParallelStrategy(DDPStrategy):
         if isinstance(batch, MutableMapping) and verdict is not None:
             batch["slide_problem"] = verdict
         return verdict
+
+    def _merge_problems(self, info: ShardInfo, batch: Mapping[str, Any]) -> str | None:
+        """A reason some rank's loader gave for the slide, or ``None``. When any rank had a
+        problem, every rank's record is gathered (host group) and written into every rank's
+        ``batch``, so the problem record (``data.problems.ProblemRecorder``) is the same
+        everywhere."""
+        if not info.has_problems:
+            return None
+        if self.slide_group.size == 1:
+            return batch.get("slide_problem")
+        mine = (list(batch.get("tile_problems") or ()), batch.get("slide_problem"))
+        everyone: list[Any] = [None] * self.slide_group.size
+        dist.all_gather_object(everyone, mine, group=self._groups.host)
+        reasons = [r for _, r in everyone if r]
+        if isinstance(batch, MutableMapping):
+            merge_into_batch(batch, [p for tiles, _ in everyone for p in tiles], None)
+        return reasons[0] if reasons else None
 
     def _gather(
         self, info: ShardInfo, features: torch.Tensor | None, coords: torch.Tensor | None

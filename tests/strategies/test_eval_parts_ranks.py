@@ -1,0 +1,141 @@
+"""Evaluation in parts on 2 real gloo ranks: slide-parallel (one group) and two groups of one
+give the predictions, metrics and problem records of one process evaluating each slide as one
+item. Both worlds run in one pair of forked processes (``harness.run_world``'s pattern)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from bad_tile_slides import tissue
+from harness import free_port
+from slide_files import write_tiff_with_corrupt_tiles
+
+from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
+from lightning_wsi.data.synthetic import write_pyramidal_tiff
+from lightning_wsi.strategies.lifecycle import release_openmp_threads
+
+PART = 10  # 64-tile slides: 7 parts (6 x 10 + 4), each sharded over the group's ranks
+# 1024 px slides at 0.5 mpp: 8 x 8 tiles of 128 px. TIFF tiles (16 px) (0, 0) and (0, 28) break
+# the tiles at positions 0 (part 0) and 24 (part 2).
+BROKEN = {"one_bad": ((0, 0),), "two_bad": ((0, 0), (0, 28))}
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+WORLDS = {"one_group": None, "two_groups": 1}  # strategy.slide_group_size
+EXPECTED_RECORDS = {
+    ("tile left out", "one_bad", 0, 0),
+    ("tile left out", "two_bad", 0, 0),
+    ("tile left out", "two_bad", 0, 384),
+    ("slide dropped", "two_bad", None, None),
+}
+
+
+def _write_slides(folder: Path) -> Path:
+    """intact (64 tiles, 7 parts), small (16 tiles, 2 parts), one_bad (a bad tile in part 0),
+    two_bad (bad tiles in parts 0 and 2: dropped only by their sum), in the val split."""
+    rows = []
+    for i, name in enumerate(("intact", "small", "one_bad", "two_bad")):
+        path = folder / f"{name}.tiff"
+        image = tissue(i)
+        if name == "small":
+            image[:, 512:] = image[512:] = 240  # glass: 16 tissue tiles
+        if name in BROKEN:
+            write_tiff_with_corrupt_tiles(path, image, 0.5, BROKEN[name], tile_size=16)
+        else:
+            write_pyramidal_tiff(path, image, 0.5, tile_size=16)
+        rows.append({"slide_id": name, "path": path.name, "label": i % 2, "split": "val"})
+    manifest = folder / "slides.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["slide_id", "path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _evaluate(manifest: Path, part_size: int | None, strategy: Any, devices: int) -> dict:
+    dm = SlideDataModule(
+        manifest, k=8, tile_size=128, eval_part_size=part_size, max_bad_tile_fraction=0.02,
+        progress=False, tiling_workers=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = SlideModule(
+        "test_resnet", "gma", "binary", aggregator_kwargs={"hidden_dim": 16, "attention_dim": 8}
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, **QUIET)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    predictions = trainer.predict(module, datamodule=dm)
+    records = {(p.kind, p.slide_id, p.x, p.y) for p in dm.problems.records}
+    return {"metrics": metrics, "predictions": predictions, "records": records}
+
+
+def _worker(rank: int, port: int, manifest: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+        LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name, group_size in WORLDS.items():
+        for part_size in (PART, None):
+            strategy = SlideParallelStrategy(slide_group_size=group_size)
+            result = _evaluate(Path(manifest), part_size, strategy, devices=2)
+            torch.save(result, Path(out) / f"{name}.{part_size}.rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("eval_parts_ranks")
+    manifest = _write_slides(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every rank
+    try:
+        reference = _evaluate(manifest, None, "auto", devices=1)
+    finally:
+        torch.set_num_threads(threads)
+    release_openmp_threads()
+    mp.start_processes(
+        _worker, args=(free_port(), str(manifest), str(root)), nprocs=2, join=True,
+        start_method="fork",
+    )  # fmt: skip
+    out = {"reference": reference}
+    for path in root.glob("*.rank*.pt"):
+        out[path.stem] = torch.load(path, weights_only=False)
+    return out
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_two_ranks_in_parts_evaluate_as_one_process_with_one_item(
+    results: dict[str, Any], world: str
+) -> None:
+    reference = results["reference"]
+    want = reference["predictions"]
+    assert [p["slide_id"] for p in want] == ["intact", "small", "one_bad", "two_bad"]
+    for rank in range(2):
+        got = results[f"{world}.{PART}.rank{rank}"]
+        # One prediction per slide, in the loader's order, on every rank; the dropped slide too.
+        assert [p["slide_id"] for p in got["predictions"]] == [p["slide_id"] for p in want]
+        assert got["predictions"][3]["status"] == "dropped"
+        assert got["predictions"][3]["reason"] == want[3]["reason"]
+        assert "2 of 64 sampled tiles failed to read, more than the 1" in want[3]["reason"]
+        for g, w in zip(got["predictions"][:3], want[:3], strict=True):
+            assert torch.equal(g["coords"], w["coords"])  # the same tiles in the same order
+            # Shards of 5 tiles rather than one batch of 64: float32 rounding of the encoder.
+            assert (g["logits"] - w["logits"]).abs().max() <= 1e-5
+            assert (g["attention"] - w["attention"]).abs().max() <= 1e-6
+        assert len(got["predictions"][2]["coords"]) == 63  # one_bad kept without its bad tile
+        # AUROC counts every slide once; val/loss is the mean of the groups' means (today's
+        # sync_dist), the same as the same world evaluating each slide as one item.
+        assert got["metrics"]["val/auroc"] == pytest.approx(reference["metrics"]["val/auroc"])
+        one_item = results[f"{world}.None.rank{rank}"]["metrics"]
+        assert got["metrics"]["val/loss"] == pytest.approx(one_item["val/loss"], abs=1e-6)
+        if world == "one_group":
+            assert got["metrics"]["val/loss"] == pytest.approx(
+                reference["metrics"]["val/loss"], abs=1e-6
+            )
+        assert got["records"] == reference["records"] == EXPECTED_RECORDS
