@@ -52,7 +52,7 @@ def _free_port() -> int:
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic slides, written once, so that two nodes never write them at the same time."""
     root = tmp_path_factory.mktemp("slides")
-    make_synthetic_dataset(root, n_slides=8, seed=0)
+    make_synthetic_dataset(root, n_slides=8, seed=0, task="hard")  # as data=synthetic asks
     return root
 
 

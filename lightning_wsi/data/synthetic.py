@@ -5,6 +5,24 @@ hematoxylin and eosin optical densities, then resampled to the requested mpp, so
 gives the same tissue at 0.25 and 0.5 µm/px. Positive slides carry a few small lesions (dense
 clusters of large, dark, hyperchromatic nuclei) covering a few percent of the tissue; negatives
 differ from one another in stain strength, colour cast, tissue shape and amount, and cellularity.
+
+Two task variants (``task=``), the pixels of a seed identical in their shared parts:
+
+- ``"classic"`` (the default, the law above): 1-4 lesions, each 1-2 tiles of 112 µm across,
+  1.5-5% of the tissue. A K-tile sample of a positive slide almost always holds lesion tiles, so
+  training is easy at any K (the survival demo and the foundation study are recorded on it).
+- ``"hard"`` (the demo's default): the paper's regime, where more tiles per slide help.
+  Lesions are fewer and smaller: 1-3 of them, 1-1.7 tiles across (56-95 µm radius), 0.9-4.8%
+  of the tissue (median 2.2%; measured over 20 seeds), so a positive slide of ~140 tissue tiles
+  has 2-18 tiles touching a lesion (7.8% on average) and a K-tile sample misses them all with
+  probability 0.73 (K=4), 0.55 (K=8), 0.34 (K=16), 0.16 (K=32), 0.05 (K=64), 0.01 (K=128): the
+  slide label is then noise for that step. Every slide, negative or positive, also carries 1-2
+  lymphoid aggregates, the distractors: dense clusters of small dark normal nuclei (3 µm, 2.6
+  times the lesions' density) 0.5-1.3 tiles across, so "a dark cluster" does not give the label
+  away; a model must learn the lesion's larger nuclei in a hyperchromatic haze with less eosin.
+  Stain varies more from slide to slide (H strength 0.55-1.45x, E 0.3-1.3x, stain vectors
+  +-0.09 OD, glass tint +-6 levels). A sparser law (1-2 lesions of 0.5-1.2 tiles, 3 aggregates)
+  did not train in the demo's budget, even at K=128 (training loss still ln 2 after 7 epochs).
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "LESIONS_FORMAT",
+    "TASKS",
     "SyntheticSlide",
     "lesion_boxes",
     "make_synthetic_dataset",
@@ -43,6 +62,7 @@ _H_OD = np.array([0.5626, 0.7201, 0.4062])
 _E_OD = np.array([0.2159, 0.8012, 0.5581])
 _FORMAT_VERSION = 3  # bump when the output changes, so cached datasets are regenerated
 # (2: survival columns time, event in the manifest; 3: a stronger survival signal)
+TASKS = ("classic", "hard")  # the synthetic task variants (module docstring)
 # Marks a lesions.json as ours: readers ignore any other lesions.json beside a manifest.
 LESIONS_FORMAT = "lightning-wsi/synthetic-lesions-v1"
 
@@ -63,6 +83,10 @@ class SyntheticSlide:
         lesion_mask: ``[h, w]`` bool, the lesions.
         specks: dust specks on the glass, ``(x, y, w, h)`` in level-0 pixels.
         mask_mpp: microns per pixel of the masks.
+        distractors: lesion-like lymphoid aggregates (``task="hard"``, any label), ``(x, y, w,
+            h)`` in level-0 pixels (touching aggregates share one box).
+        distractor_mask: ``[h, w]`` bool, the aggregates, at ``mask_mpp`` (None for "classic").
+        task: the variant the slide was drawn with.
     """
 
     image: np.ndarray
@@ -76,6 +100,9 @@ class SyntheticSlide:
     lesion_mask: np.ndarray = field(repr=False)
     specks: list[Box] = field(default_factory=list)
     mask_mpp: float = _GRID_UM
+    distractors: list[Box] = field(default_factory=list)
+    distractor_mask: np.ndarray | None = field(default=None, repr=False)
+    task: str = "classic"
 
 
 def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -151,12 +178,15 @@ def _tissue(rng: np.random.Generator, shape: tuple[int, int], fraction: float) -
     return full > np.quantile(full[::4, ::4], 1 - fraction)
 
 
-def _lesions(rng: np.random.Generator, tissue, pale, n: int) -> np.ndarray:
-    """``n`` irregular round lesions, 1-2 tiles across, well inside non-pale tissue."""
+def _lesions(
+    rng: np.random.Generator, tissue, pale, n: int, radius_tiles: tuple[float, float] = (0.45, 1.0)
+) -> np.ndarray:
+    """``n`` irregular round lesions of ``radius_tiles`` tiles (default 1-2 tiles across), well
+    inside non-pale tissue."""
     inner = ndimage.distance_transform_edt((tissue & ~pale)[::8, ::8]) * 8
     mask = np.zeros_like(tissue)
     for _ in range(n):
-        radius = rng.uniform(0.45, 1.0) * _TILE_UM / _GRID_UM
+        radius = rng.uniform(*radius_tiles) * _TILE_UM / _GRID_UM
         ys, xs = np.nonzero(inner >= min(radius * 0.8, inner.max()))
         i = rng.integers(len(ys))
         cy, cx = ys[i] * 8 + 4, xs[i] * 8 + 4
@@ -201,6 +231,7 @@ def make_synthetic_slide(
     size_um: tuple[float, float] | None = None,
     tissue_fraction: float | None = None,
     n_lesions: int | None = None,
+    task: str = "classic",
 ) -> SyntheticSlide:
     """Draw one H&E-like slide: tissue pieces on glass, nuclei, pale fat, dust, and lesions.
 
@@ -215,7 +246,12 @@ def make_synthetic_slide(
         size_um: slide ``(width, height)`` in µm; default drawn per seed, 1.2-2.0 mm a side.
         tissue_fraction: fraction of the slide covered by tissue; default drawn per seed in
             0.2-0.8 and kept to about 70-250 tiles of 112 µm (80-200 tiles at 25% tissue).
-        n_lesions: number of lesions of a positive slide; default 1-4, by tissue amount.
+        n_lesions: number of lesions of a positive slide; default 1-4, by tissue amount
+            ("classic"), or 1-3 ("hard").
+        task: "classic" or "hard" (module docstring). "hard": 1-3 lesions 1-1.7 tiles across
+            (0.9-4.8% of the tissue), 1-2 lymphoid aggregates (dense small dark nuclei, 0.5-1.3
+            tiles across) on every slide, and stronger stain variation; the tissue and nuclei
+            of a seed are those of "classic", whose pixels this option leaves unchanged.
 
     Returns:
         The slide with its ``[H, W, 3]`` uint8 image and ground truth.
@@ -231,6 +267,11 @@ def make_synthetic_slide(
         raise ValueError(f"Expected `tissue_fraction` in (0, 1), but got {tissue_fraction}")
     if n_lesions is not None and n_lesions < 1:
         raise ValueError(f"Expected `n_lesions` >= 1, but got {n_lesions}")
+    if task not in TASKS:
+        raise ValueError(f"Expected `task` in {TASKS}, but got {task!r}")
+    hard = task == "hard"
+    # A 6th stream only "hard" draws from, so "classic" pixels stay those of every release.
+    r_hard = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(5,)))
     r_geo, r_stain, r_nuc, r_les, r_dust = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
     )
@@ -255,6 +296,11 @@ def make_synthetic_slide(
     glass = r_stain.uniform(238, 247) + r_stain.uniform(-3, 3, 3)
     density = r_stain.uniform(1 / 450, 1 / 180) * _GRID_UM**2  # nuclei per grid pixel
     theta, lam = r_stain.uniform(0, np.pi), r_stain.uniform(8, 16) / _GRID_UM
+    if hard:  # stronger stain variation: colour and intensity say less about the label
+        h_vec = np.abs(_H_OD + r_hard.normal(0, 0.09, 3)).astype(np.float32)
+        e_vec = np.abs(_E_OD + r_hard.normal(0, 0.09, 3)).astype(np.float32)
+        h_s, e_s = float(r_hard.uniform(0.55, 1.45)), float(r_hard.uniform(0.3, 1.3))
+        glass = r_hard.uniform(236, 249) + r_hard.uniform(-6, 6, 3)
 
     # Eosin: stroma with slow variation, mottling and wavy collagen fibres; fat is near white.
     k = 2 * np.pi / lam
@@ -274,17 +320,21 @@ def make_synthetic_slide(
     h = 0.06 * t + 1.4 * nuc
     e *= 1 - 0.5 * nuc
 
+    aggregates = _aggregates(r_hard, tissue, pale) if hard else None
+    if aggregates is not None:
+        h, e = _paint_aggregates(r_hard, aggregates, h, e)
+
     lesion = np.zeros_like(tissue)
-    if positive:
+    if positive and hard:
+        n_lesions = int(r_les.integers(1, 4)) if n_lesions is None else n_lesions
+        lesion = _lesions(r_les, tissue, pale | aggregates, n_lesions, _HARD_LESION_RADIUS)
+        h, e = _paint_lesions(r_les, lesion, h, e)
+    elif positive:
         if n_lesions is None:  # lesions cover about 1.5-5% of the tissue area
             tissue_tiles = tissue.sum() * _GRID_UM**2 / _TILE_UM**2
             n_lesions = int(np.clip(round(r_les.uniform(0.015, 0.05) * tissue_tiles / 1.65), 1, 4))
         lesion = _lesions(r_les, tissue, pale, n_lesions)
-        soft = ndimage.gaussian_filter(lesion.astype(np.float32), 4.0 / _GRID_UM)
-        ys, xs = _points(r_les, shape, _GRID_UM**2 / 90, lambda y, x: lesion[y, x])
-        big = _splat(shape, ys, xs, r_les.uniform(0.9, 1.4, len(ys)), 2.7 / _GRID_UM)
-        h = h * (1 - soft) + soft * (0.35 + 2.2 * np.clip((big - 0.3) * 3, 0, 1))
-        e *= 1 - 0.6 * soft
+        h, e = _paint_lesions(r_les, lesion, h, e)
 
     dust, specks = _dust(r_dust, shape)
 
@@ -300,6 +350,10 @@ def make_synthetic_slide(
 
     boxes = [_box_px(s, mpp, out) for s in ndimage.find_objects(ndimage.label(lesion)[0])]
     specks = [_box_px(s, mpp, out) for s in specks]
+    distractors = []
+    if aggregates is not None:
+        objects = ndimage.find_objects(ndimage.label(aggregates)[0])
+        distractors = [_box_px(s, mpp, out) for s in objects]
     n_t = int(tissue.sum())
     return SyntheticSlide(
         image=image,
@@ -312,7 +366,37 @@ def make_synthetic_slide(
         pale_mask=pale,
         lesion_mask=lesion,
         specks=specks,
+        distractors=distractors,
+        distractor_mask=aggregates,
+        task=task,
     )
+
+
+_HARD_LESION_RADIUS = (0.5, 0.85)  # tiles: 1-1.7 tiles of 112 µm across
+_AGGREGATE_RADIUS = (0.25, 0.65)  # tiles: lymphoid aggregates as large as the lesions
+
+
+def _aggregates(rng: np.random.Generator, tissue, pale) -> np.ndarray:
+    """1-2 lymphoid aggregates (the "hard" distractors) in non-pale tissue, on any slide."""
+    return _lesions(rng, tissue, pale, int(rng.integers(1, 3)), _AGGREGATE_RADIUS)
+
+
+def _paint_aggregates(rng: np.random.Generator, mask, h, e):
+    """Dense small dark nuclei (3 µm, ~1 per 35 µm²) in ``mask``: returns new ``(h, e)``."""
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), 4.0 / _GRID_UM)
+    ys, xs = _points(rng, mask.shape, _GRID_UM**2 / 35, lambda y, x: mask[y, x])
+    small = _splat(mask.shape, ys, xs, rng.uniform(0.8, 1.2, len(ys)), 1.5 / _GRID_UM)
+    h = h * (1 - soft) + soft * (0.1 + 1.6 * np.clip((small - 0.3) * 3, 0, 1))
+    return h, e * (1 - 0.3 * soft)
+
+
+def _paint_lesions(rng: np.random.Generator, mask, h, e):
+    """Large hyperchromatic nuclei (5.4 µm, ~1 per 90 µm²) in a dark haze with less eosin."""
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), 4.0 / _GRID_UM)
+    ys, xs = _points(rng, mask.shape, _GRID_UM**2 / 90, lambda y, x: mask[y, x])
+    big = _splat(mask.shape, ys, xs, rng.uniform(0.9, 1.4, len(ys)), 2.7 / _GRID_UM)
+    h = h * (1 - soft) + soft * (0.35 + 2.2 * np.clip((big - 0.3) * 3, 0, 1))
+    return h, e * (1 - 0.6 * soft)
 
 
 def write_pyramidal_tiff(
@@ -406,7 +490,9 @@ def write_pyramidal_tiff(
 
 
 def _write_one(task: dict) -> tuple[str, list[Box]]:
-    slide = make_synthetic_slide(task["seed"], positive=bool(task["label"]), mpp=task["mpp"])
+    slide = make_synthetic_slide(
+        task["seed"], positive=bool(task["label"]), mpp=task["mpp"], task=task["task"]
+    )
     write_pyramidal_tiff(task["path"], slide.image, slide.mpp, flavour=task["flavour"])
     return task["slide_id"], slide.lesions
 
@@ -513,6 +599,7 @@ def make_synthetic_dataset(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    task: str = "classic",
 ) -> Path:
     """Write a synthetic slide dataset and its manifest; reuse it when already there.
 
@@ -535,6 +622,9 @@ def make_synthetic_dataset(
         num_workers: processes; default ``min(os.cpu_count(), n_slides)``, 0 or 1 runs inline.
         overwrite: regenerate even when a matching dataset exists.
         progress: show a tqdm progress bar.
+        task: "classic" or "hard" (module docstring); recorded in ``synthetic.json`` (for
+            "hard" only, so classic datasets written before the option stay valid), so a cached
+            dataset of the other variant is regenerated.
 
     Returns:
         Path of ``manifest.csv``.
@@ -552,6 +642,8 @@ def make_synthetic_dataset(
         raise ValueError(
             f"Expected `flavours` a non-empty subset of ('tiff', 'svs'), got {flavours}"
         )
+    if task not in TASKS:
+        raise ValueError(f"Expected `task` in {TASKS} (data.synthetic.task), but got {task!r}")
     root = Path(root)
     manifest, params_path = root / "manifest.csv", root / "synthetic.json"
     params = {
@@ -562,6 +654,8 @@ def make_synthetic_dataset(
         "flavours": list(flavours),
         "mpps": {f: float(mpps[f]) for f in flavours},
     }
+    if task != "classic":
+        params["task"] = task
     if not overwrite and manifest.exists() and params_path.exists():
         if json.loads(params_path.read_text()) == params:
             with manifest.open() as f:
@@ -592,6 +686,7 @@ def make_synthetic_dataset(
                 "flavour": flavour,
                 "mpp": mpps[flavour],
                 "seed": int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
+                "task": task,
             }
         )
     # Largest (finest mpp) first so the last slides to finish are small ones.
