@@ -4,8 +4,12 @@ Collects every run's ``summary.json`` under the folder and prints, per K and per
 parallelised (devices, chunk size) and trained (end to end or frozen encoder), the final training
 loss, validation loss and validation AUROC, averaged over the runs (seeds, splits), and how many
 runs it used. A ``summary.json`` that cannot be used (not JSON, not an object, no integer ``K``)
-is skipped with one line naming it and why. Writes ``summary.csv`` and ``k_sweep.png`` (the
-paper's Fig. 4) into the folder.
+is skipped with one line naming it and why. Writes ``summary.csv``, ``runs.csv`` (one row per
+run) and ``k_sweep.png`` into the folder, and, when runs have their ``logs/metrics.csv``,
+``fig4.png``: the paper's Fig. 4 panels in one figure (training-loss curves per K over the
+epochs with 95% bootstrap bands over runs, one panel per stratum, so 1 device and 2
+slide-parallel devices sit side by side; then final training loss, validation loss and the
+validation score against K with their intervals).
 
 Intervals are given only where they mean something: the 95% t-interval over runs needs at least
 3 runs with a value (with 2 the t-interval has 1 degree of freedom and is 12.7 standard errors
@@ -37,7 +41,10 @@ from matplotlib.figure import Figure  # noqa: E402
 __all__ = [
     "MIN_RUNS_FOR_INTERVAL",
     "SweepError",
+    "bootstrap_band",
+    "fig4_figure",
     "k_sweep_figure",
+    "loss_curves",
     "load_runs",
     "main",
     "summarize",
@@ -93,8 +100,12 @@ def load_runs(sweep: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
         if isinstance(run, str):
             skipped.append((path, run))
         else:
+            run[RUN_DIR] = path.parent  # where its logs/metrics.csv is (not the file's "outputs")
             runs.append(run)
     return runs, skipped
+
+
+RUN_DIR = "_run_dir"  # the key load_runs adds to each run: the folder of its summary.json
 
 
 def _load_run(path: Path) -> dict[str, Any] | str:
@@ -161,12 +172,148 @@ def summarize(sweep: Path, runs: Sequence[dict[str, Any]] | None = None) -> list
     columns = ("train/loss", "val/loss", score_column(runs))
     rows = _rows(runs, columns)
     _write_csv(rows, sweep / "summary.csv")
-    figure = k_sweep_figure(rows, columns)
+    _write_csv(_run_rows(runs, columns), sweep / "runs.csv")
+    _save(k_sweep_figure(rows, columns), sweep / "k_sweep.png")
+    curves = loss_curves(runs)
+    (sweep / FIG4).unlink(missing_ok=True)  # never leave a stale figure of another sweep
+    if curves:
+        _save(fig4_figure(curves, rows, columns), sweep / FIG4)
+    return rows
+
+
+FIG4 = "fig4.png"
+_BOOTSTRAP = 1000  # resamples of the runs for a training-loss band
+_METRICS_KEY = "train/loss_epoch"
+
+
+def _save(figure: Figure, path: Path) -> None:
     try:
-        figure.savefig(sweep / "k_sweep.png", dpi=120)
+        figure.savefig(path, dpi=120)
     finally:
         plt.close(figure)
-    return rows
+
+
+def _run_rows(runs: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run: its stratum, K, seeds and metrics (NaN where it has none)."""
+    rows = []
+    for run in runs:
+        row = {"stratum": _stratum(run), "K": _k(run["K"])}
+        row |= {key: _shorten(run.get(key, "")) for key in ("seed", "split_seed")}
+        row |= {column: _number(run.get(column)) for column in columns}
+        row["run"] = _shorten(Path(run.get(RUN_DIR, "")).name)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["stratum"], _k_order(r["K"]), r["split_seed"], r["seed"]))
+
+
+def _epoch_losses(metrics_csv: Path) -> dict[int, float]:
+    """The first ``train/loss_epoch`` logged per epoch of a ``CSVLogger`` file; {} if unreadable
+    (a run without logs, or a file that is not such a CSV, is simply left out of the curves)."""
+    losses: dict[int, float] = {}
+    try:
+        with open(metrics_csv, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                epoch, value = _epoch_loss(row)
+                if epoch >= 0 and math.isfinite(value) and epoch not in losses:
+                    losses[epoch] = value
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    return losses
+
+
+def _epoch_loss(row: dict[str, Any]) -> tuple[int, float]:
+    """``(epoch, training loss)`` of a metrics row; ``(-1, nan)`` where either is not a number."""
+    try:
+        return int(float(row.get("epoch") or "")), float(row.get(_METRICS_KEY) or "")
+    except (ValueError, OverflowError, TypeError):
+        return -1, math.nan
+
+
+def loss_curves(
+    runs: Sequence[dict[str, Any]],
+) -> dict[tuple[str, int | str], np.ndarray]:
+    """Training loss per epoch of each (stratum, K): ``[runs, epochs]`` float arrays.
+
+    Reads each run's ``logs/metrics.csv`` beside its ``summary.json`` (``load_runs`` records the
+    folder). Curves are cut to the epochs every run of the group logged, from epoch 0; a run
+    without a readable file is left out, and a group without any run is absent.
+    """
+    groups: dict[tuple[str, int | str], list[dict[int, float]]] = defaultdict(list)
+    for run in runs:
+        if RUN_DIR not in run:
+            continue
+        losses = _epoch_losses(Path(run[RUN_DIR]) / "logs" / "metrics.csv")
+        if losses:
+            groups[(_stratum(run), _k(run["K"]))].append(losses)
+    curves = {}
+    for key, members in groups.items():
+        epochs = 0
+        while all(epochs in m for m in members):
+            epochs += 1
+        if epochs:
+            curves[key] = np.array([[m[e] for e in range(epochs)] for m in members], float)
+    return dict(sorted(curves.items(), key=lambda g: (g[0][0], _k_order(g[0][1]))))
+
+
+def bootstrap_band(
+    curves: np.ndarray, n_boot: int = _BOOTSTRAP, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean curve over runs and its percentile bootstrap band, each ``[epochs]``.
+
+    ``curves`` is ``[runs, epochs]``. Each of ``n_boot`` resamples draws ``runs`` rows with
+    replacement (``numpy.random.default_rng(seed).integers(0, runs, (n_boot, runs))``) and
+    averages them; the band is the ``(1 - level) / 2`` and ``(1 + level) / 2`` percentiles of
+    those means per epoch. With one run the band is NaN (nothing to resample).
+    """
+    curves = np.asarray(curves, dtype=float)
+    if curves.ndim != 2 or curves.shape[0] < 1:
+        raise ValueError(f"expected curves as [runs, epochs] with runs >= 1, got {curves.shape}")
+    mean = curves.mean(axis=0)
+    if curves.shape[0] < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean, nan, nan
+    picks = np.random.default_rng(seed).integers(0, curves.shape[0], (n_boot, curves.shape[0]))
+    means = curves[picks].mean(axis=1)  # [n_boot, epochs]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return mean, low, high
+
+
+def fig4_figure(
+    curves: dict[tuple[str, int | str], np.ndarray],
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] = _COLUMNS,
+) -> Figure:
+    """The paper's Fig. 4: top, the training loss over epochs per K (mean over runs, 95%
+    bootstrap band), one panel per stratum side by side on a shared y axis; below, the metrics
+    against K as in :func:`k_sweep_figure`."""
+    strata = sorted({stratum for stratum, _ in curves})
+    fig = plt.figure(figsize=(max(13, 4.3 * len(strata)), 7.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1)
+    axes = np.atleast_1d(top.subplots(1, len(strata), sharey=True))
+    ks = sorted({k for _, k in curves}, key=_k_order)
+    # K by a sequential colour map, apart from the strata's default colours in the lower row
+    shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(ks)))
+    colours = dict(zip(ks, shades, strict=True))
+    for ax, stratum in zip(axes, strata, strict=True):
+        for (s, k), runs in curves.items():
+            if s == stratum:
+                _plot_band(ax, runs, f"K={k} ({runs.shape[0]} run{'s' * (runs.shape[0] > 1)})",
+                           colours[k])  # fmt: skip
+        ax.set_title(f"training loss: {stratum}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("training loss (mean, 95% bootstrap band)")
+    k_sweep_figure(rows, columns, fig=bottom)
+    return fig
+
+
+def _plot_band(ax: Any, runs: np.ndarray, label: str, colour: Any) -> None:
+    mean, low, high = bootstrap_band(runs)
+    epochs = np.arange(1, len(mean) + 1)
+    ax.plot(epochs, mean, marker=".", color=colour, label=label)
+    if np.isfinite(low).all():
+        ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
 
 
 def _rows(
@@ -263,11 +410,16 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def k_sweep_figure(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS) -> Figure:
+def k_sweep_figure(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS, fig: Any = None
+) -> Figure:
     """The K sweep (the paper's Fig. 4): one panel per metric, one line per stratum, 95%
     intervals as error bars where a row has one; tick labels are plain numbers (no offset
-    text above the axes, which overlapped the title when values barely differ)."""
-    fig, axes = plt.subplots(1, len(columns), figsize=(13, 3.8), layout="constrained")
+    text above the axes, which overlapped the title when values barely differ). Draws into
+    ``fig`` (a figure or subfigure) when given."""
+    if fig is None:
+        fig = plt.figure(figsize=(13, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(columns)))
     finite = [r["K"] for r in rows if r["K"] != ALL]
     at_all = 2.0 * max(finite, default=1)  # where K=all runs sit: right of the largest K
     strata = sorted({r["stratum"] for r in rows})
@@ -351,7 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_table(rows)
     files = len(runs) + len(skipped)
     print(f"used {len(runs)} runs of {files} summary.json files ({len(skipped)} skipped)")
-    print(f"table: {args.sweep / 'summary.csv'}\nplot: {args.sweep / 'k_sweep.png'}")
+    print(f"table: {args.sweep / 'summary.csv'} (per run: {args.sweep / 'runs.csv'})")
+    print(f"plot: {args.sweep / 'k_sweep.png'}")
+    if (args.sweep / FIG4).exists():
+        print(f"Fig. 4: {args.sweep / FIG4}")
     return 0
 
 

@@ -390,3 +390,81 @@ def test_strata_at_the_same_k_sit_side_by_side():
     xs = [bars.lines[0].get_xdata()[0] for bars in fig.axes[0].containers]  # one per stratum
     assert len(xs) == 3 and len(set(xs)) == 3 and all(28 < x < 37 for x in xs)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ Fig. 4
+def _metrics_csv(folder: Path, losses: list[float], steps_per_epoch: int = 2) -> None:
+    """A CSVLogger file as training writes it: step rows, one epoch row, one validation row."""
+    lines = ["epoch,step,train/loss_epoch,train/loss_step,val/auroc,val/loss"]
+    for epoch, loss in enumerate(losses):
+        step = (epoch + 1) * steps_per_epoch - 1
+        lines += [f"{epoch},{step},,{loss + 0.1},,", f"{epoch},{step},,,0.7,0.6",
+                  f"{epoch},{step},{loss},,,"]  # fmt: skip
+    (folder / "logs").mkdir()
+    (folder / "logs" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_bootstrap_band_is_the_percentile_of_resampled_mean_curves():
+    curves = np.random.default_rng(3).normal(0.5, 0.1, (12, 5))
+    mean, low, high = summarize.bootstrap_band(curves, n_boot=500, seed=7)
+    picks = np.random.default_rng(7).integers(0, 12, (500, 12))
+    means = np.stack([curves[p].mean(axis=0) for p in picks])  # one mean curve per resample
+    assert np.array_equal(mean, curves.mean(axis=0))
+    assert np.allclose(low, np.percentile(means, 2.5, axis=0), rtol=0, atol=1e-15)
+    assert np.allclose(high, np.percentile(means, 97.5, axis=0), rtol=0, atol=1e-15)
+    assert (low < mean).all() and (mean < high).all()
+    # Two runs: a quarter of the resamples is each run twice, so the band spans the two runs.
+    two = np.array([[1.0, 0.5, 0.2], [0.8, 0.7, 0.1]])
+    _, low, high = summarize.bootstrap_band(two)
+    assert low.tolist() == [0.8, 0.5, 0.1] and high.tolist() == [1.0, 0.7, 0.2]
+    assert np.isnan(summarize.bootstrap_band(two[:1])[1]).all()  # one run: no band
+
+
+def test_fig4_draws_each_stratums_loss_curves_with_their_bootstrap_band(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    curves: dict[tuple[int, int], list[list[float]]] = {}
+    for devices in (1, 2):
+        for k in (8, 32):
+            for seed in range(3):
+                losses = list(np.sort(rng.uniform(0.1, 0.7, 4))[::-1] * (8 / k) ** 0.2)
+                summary = _run(tmp_path, f"d{devices}_k{k}_s{seed}", K=k, devices=devices,
+                               split_seed=seed, **_metrics(losses[-1], 0.5, 0.7))  # fmt: skip
+                _metrics_csv(summary.parent, losses)
+                curves.setdefault((devices, k), []).append(losses)
+    _run(tmp_path, "no_logs", K=8, **_metrics(0.3, 0.5, 0.7))  # in the table, not the curves
+    _metrics_csv(_run(tmp_path, "short", K=32, devices=2, **_metrics(0.3, 0.5, 0.7)).parent, [0.9])
+    assert summarize.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"Fig. 4: {tmp_path / 'fig4.png'}"
+    assert (tmp_path / "fig4.png").stat().st_size > 0
+
+    runs, _ = summarize.load_runs(tmp_path)
+    found = summarize.loss_curves(runs)
+    two = "2 devices, no chunking, end to end"
+    assert sorted(found) == [(_STRATUM, 8), (_STRATUM, 32), (two, 8), (two, 32)]
+    assert np.array_equal(found[(_STRATUM, 8)], np.array(curves[(1, 8)]))
+    assert found[(two, 32)].shape == (4, 1)  # cut to the epochs every run logged
+    rows = summarize.summarize(tmp_path, runs)
+    fig = summarize.fig4_figure(found, rows, ("train/loss", "val/loss", "val/auroc"))
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("training loss: ")]
+    assert [ax.get_title() for ax in panels] == [f"training loss: {_STRATUM}",
+                                                 f"training loss: {two}"]  # fmt: skip
+    line, band = panels[0].lines[0], panels[0].collections[0]
+    mean, low, high = summarize.bootstrap_band(np.array(curves[(1, 8)]))
+    assert line.get_label() == "K=8 (3 runs)" and np.allclose(line.get_ydata(), mean)
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert np.isclose(ys.min(), low.min()) and np.isclose(ys.max(), high.max())
+    for x, lo, hi in zip(range(1, 5), low, high, strict=True):  # the band at each epoch
+        at = band.get_paths()[0].vertices[band.get_paths()[0].vertices[:, 0] == x][:, 1]
+        assert np.isclose(at.min(), lo) and np.isclose(at.max(), hi)
+    plt.close(fig)
+    with open(tmp_path / "runs.csv") as handle:
+        per_run = list(csv.DictReader(handle))
+    assert len(per_run) == 14 and {r["stratum"] for r in per_run} == {_STRATUM, two}
+
+
+def test_summarize_without_metrics_files_draws_no_fig4_and_removes_a_stale_one(tmp_path, capsys):
+    for i in range(2):
+        _run(tmp_path, f"run{i}", K=8, **_metrics(0.5, 0.6, 0.7))
+    (tmp_path / "fig4.png").write_bytes(b"an older sweep's figure")
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "Fig. 4" not in capsys.readouterr().out and not (tmp_path / "fig4.png").exists()
