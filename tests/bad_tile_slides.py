@@ -43,3 +43,34 @@ def write_bad_tile_slides(folder: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+# Evaluation-in-parts slides: 1024 px at 0.5 mpp make 8 x 8 tiles of 128 px. TIFF tiles of 16
+# px (0, 0) and (0, 28) break the tiles at level-0 (0, 0) and (0, 384), positions 0 and 24 of
+# the evaluation order.
+PART_SLIDES_BROKEN = {"one_bad": ((0, 0),), "two_bad": ((0, 0), (0, 28))}
+
+
+def write_part_slides(folder: Path) -> Path:
+    """intact (64 tiles), small (tissue in one corner: 16 tiles), one_bad (the tile at position
+    0 unreadable), two_bad (positions 0 and 24 unreadable); their manifest ``slides.csv``, all
+    in the val split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, name in enumerate(("intact", "small", "one_bad", "two_bad")):
+        path = folder / f"{name}.tiff"
+        image = tissue(i)
+        if name == "small":
+            image[:, 512:] = image[512:] = 240  # glass: 16 tissue tiles
+        if name in PART_SLIDES_BROKEN:
+            corrupt = PART_SLIDES_BROKEN[name]
+            write_tiff_with_corrupt_tiles(path, image, 0.5, corrupt, tile_size=16)
+        else:
+            write_pyramidal_tiff(path, image, 0.5, tile_size=16)
+        rows.append({"slide_id": name, "path": path.name, "label": i % 2, "split": "val"})
+    manifest = folder / "slides.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["slide_id", "path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest

@@ -4,58 +4,28 @@ per slide."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from bad_tile_slides import tissue
-from slide_files import write_tiff_with_corrupt_tiles
+from bad_tile_slides import write_part_slides
 
 from lightning_wsi import SlideDataModule, SlideModule
 from lightning_wsi.data.dataset import BagEntry, SlideDataset
 from lightning_wsi.data.parts import SlideParts
 from lightning_wsi.data.sampling import SlideSampler, num_parts, part_bounds
-from lightning_wsi.data.synthetic import write_pyramidal_tiff
 
-PART = 24  # tiles per part: 64-tile slides make 3 parts (24, 24, 16); "small" one
-# 1024 px slides at 0.5 mpp make 8 x 8 tiles of 128 px. TIFF tiles
-# of 16 px: (0, 0) breaks the tile at position 0 (part 0), (0, 28) the one at level-0 (0, 384),
-# position 24 (part 1).
-ONE_BAD, TWO_BAD = ((0, 0),), ((0, 0), (0, 28))
+# Tiles per part: the 64-tile slides of write_part_slides make 3 parts (24, 24, 16), "small"
+# one; their bad tiles (positions 0 and 24) lie in parts 0 and 1.
+PART = 24
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
-
-
-def write_slides(folder: Path) -> Path:
-    """intact (64 tiles), small (tissue in one corner: fewer tiles than a part), one_bad
-    (a bad tile in part 0 of 3), two_bad (a bad tile in part 0 and one in part 1); all in the
-    val split."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, name in enumerate(("intact", "small", "one_bad", "two_bad")):
-        path = folder / f"{name}.tiff"
-        image = tissue(i)
-        if name == "small":
-            image[:, 512:] = image[512:] = 240  # glass: 16 tissue tiles
-        if name.endswith("bad"):
-            corrupt = ONE_BAD if name == "one_bad" else TWO_BAD
-            write_tiff_with_corrupt_tiles(path, image, 0.5, corrupt, tile_size=16)
-        else:
-            write_pyramidal_tiff(path, image, 0.5, tile_size=16)
-        rows.append({"slide_id": name, "path": path.name, "label": i % 2, "split": "val"})
-    manifest = folder / "slides.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["slide_id", "path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_slides(tmp_path_factory.mktemp("eval_parts"))
+    return write_part_slides(tmp_path_factory.mktemp("eval_parts"))
 
 
 def datamodule(manifest: Path, part_size: int | None) -> SlideDataModule:

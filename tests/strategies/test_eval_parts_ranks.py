@@ -4,7 +4,6 @@ item. Both worlds run in one pair of forked processes (``harness.run_world``'s p
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -14,18 +13,15 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
-from bad_tile_slides import tissue
+from bad_tile_slides import write_part_slides
 from harness import free_port
-from slide_files import write_tiff_with_corrupt_tiles
 
 from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
-from lightning_wsi.data.synthetic import write_pyramidal_tiff
 from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
-PART = 10  # 64-tile slides: 7 parts (6 x 10 + 4), each sharded over the group's ranks
-# 1024 px slides at 0.5 mpp: 8 x 8 tiles of 128 px. TIFF tiles (16 px) (0, 0) and (0, 28) break
-# the tiles at positions 0 (part 0) and 24 (part 2).
-BROKEN = {"one_bad": ((0, 0),), "two_bad": ((0, 0), (0, 28))}
+# Tiles per part: the 64-tile slides of write_part_slides make 7 parts (6 x 10 + 4), each
+# sharded over the group's ranks; their bad tiles (positions 0 and 24) lie in parts 0 and 2.
+PART = 10
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
 WORLDS = {"one_group": None, "two_groups": 1}  # strategy.slide_group_size
 EXPECTED_RECORDS = {
@@ -34,28 +30,6 @@ EXPECTED_RECORDS = {
     ("tile left out", "two_bad", 0, 384),
     ("slide dropped", "two_bad", None, None),
 }
-
-
-def _write_slides(folder: Path) -> Path:
-    """intact (64 tiles, 7 parts), small (16 tiles, 2 parts), one_bad (a bad tile in part 0),
-    two_bad (bad tiles in parts 0 and 2: dropped only by their sum), in the val split."""
-    rows = []
-    for i, name in enumerate(("intact", "small", "one_bad", "two_bad")):
-        path = folder / f"{name}.tiff"
-        image = tissue(i)
-        if name == "small":
-            image[:, 512:] = image[512:] = 240  # glass: 16 tissue tiles
-        if name in BROKEN:
-            write_tiff_with_corrupt_tiles(path, image, 0.5, BROKEN[name], tile_size=16)
-        else:
-            write_pyramidal_tiff(path, image, 0.5, tile_size=16)
-        rows.append({"slide_id": name, "path": path.name, "label": i % 2, "split": "val"})
-    manifest = folder / "slides.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["slide_id", "path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 def _evaluate(manifest: Path, part_size: int | None, strategy: Any, devices: int) -> dict:
@@ -91,7 +65,7 @@ def _worker(rank: int, port: int, manifest: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("eval_parts_ranks")
-    manifest = _write_slides(root)
+    manifest = write_part_slides(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every rank
     try:
