@@ -88,9 +88,7 @@ def predict(
         accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
         enable_checkpointing=False, enable_model_summary=False,
     )  # fmt: skip
-    # One per slide: evaluation parts before a slide's last predict nothing (None).
-    predicted_parts = trainer.predict(module, datamodule=datamodule) or []
-    predictions = [p for p in predicted_parts if p is not None]
+    predictions = trainer.predict(module, datamodule=datamodule)
     if not trainer.is_global_zero:  # the same predictions as rank 0, which writes them
         return predictions
     out.mkdir(parents=True, exist_ok=True)

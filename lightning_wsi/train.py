@@ -241,9 +241,7 @@ def _strict_json(value: Any) -> Any:
 
 
 def _gather(trainer: L.Trainer, predictions: list[dict]) -> list[dict]:
-    """Every rank's predictions (plain DDP splits the slides; slide-parallel ranks agree), one
-    per slide: the ``None`` of evaluation parts before a slide's last are left out."""
-    predictions = [p for p in predictions or () if p is not None]
+    """Every rank's predictions (plain DDP splits the slides; slide-parallel ranks agree)."""
     if trainer.world_size == 1 or getattr(trainer.strategy, "slide_parallel", False):
         return predictions
     everyone: list[Any] = [None] * trainer.world_size

@@ -302,15 +302,13 @@ def interleave_group_outputs(
     ``host_group``; only each group's rank 0 (``leads``) sends its list, the others nothing.
 
     Args:
-        outputs: This rank's outputs (host objects, e.g. CPU predictions), in its order; the
-            ``None`` of evaluation parts before a slide's last are left out.
+        outputs: This rank's outputs (host objects, e.g. CPU predictions), in its order.
         count: Number of groups.
         leads: This rank is its group's rank 0.
         host_group: A world-wide group that carries host objects (gloo).
     """
     everyone: list[Any] = [None] * dist.get_world_size(host_group)
-    mine = [o for o in outputs if o is not None] if leads else None
-    dist.all_gather_object(everyone, mine, group=host_group)
+    dist.all_gather_object(everyone, outputs if leads else None, group=host_group)
     lists = [part for part in everyone if part is not None]
     if len(lists) != count:
         raise RuntimeError(f"Expected outputs from {count} slide groups, got {len(lists)}.")

@@ -699,18 +699,22 @@ class SlideParallelStrategy(DDPStrategy):
 
     @override
     def on_predict_end(self) -> None:
-        """With several groups, every rank's predictions become every slide's, in the loader's
-        order: group g predicted the slides g, g + G, ... (``interleave_group_outputs``)."""
+        """One prediction per slide: the ``None`` of evaluation parts before a slide's last are
+        left out. With several groups, every rank's predictions become every slide's, in the
+        loader's order: group g predicted the slides g, g + G, ...
+        (``interleave_group_outputs``)."""
         super().on_predict_end()
         group = self.slide_group
         loop = self.lightning_module.trainer.predict_loop
-        if group.count == 1 or not loop.return_predictions:
+        if not loop.return_predictions:
             return
         # The loop returns these lists (one per loader) after this hook: filled in place.
-        for outputs in loop._predictions:  # without the None of parts before a slide's last
-            outputs[:] = interleave_group_outputs(
-                [o for o in outputs if o is not None], group.count, self._leads, self._host_group
-            )
+        for outputs in loop._predictions:
+            outputs[:] = [o for o in outputs if o is not None]
+            if group.count > 1:
+                outputs[:] = interleave_group_outputs(
+                    outputs, group.count, self._leads, self._host_group
+                )
 
     def _encode_for_evaluation(self, module: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
         chunked = getattr(module, "encode_in_chunks", None)
