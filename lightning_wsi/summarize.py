@@ -38,6 +38,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lightning_wsi.reports import epoch_series  # noqa: E402
+
 __all__ = [
     "MIN_RUNS_FOR_INTERVAL",
     "SweepError",
@@ -208,24 +210,15 @@ def _run_rows(runs: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[di
 def _epoch_losses(metrics_csv: Path) -> dict[int, float]:
     """The first ``train/loss_epoch`` logged per epoch of a ``CSVLogger`` file; {} if unreadable
     (a run without logs, or a file that is not such a CSV, is simply left out of the curves)."""
-    losses: dict[int, float] = {}
     try:
-        with open(metrics_csv, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                epoch, value = _epoch_loss(row)
-                if epoch >= 0 and math.isfinite(value) and epoch not in losses:
-                    losses[epoch] = value
+        series = epoch_series(metrics_csv, _METRICS_KEY)
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}
+    losses: dict[int, float] = {}
+    for epoch, value in series:
+        if epoch >= 0 and math.isfinite(value) and epoch not in losses:
+            losses[epoch] = value
     return losses
-
-
-def _epoch_loss(row: dict[str, Any]) -> tuple[int, float]:
-    """``(epoch, training loss)`` of a metrics row; ``(-1, nan)`` where either is not a number."""
-    try:
-        return int(float(row.get("epoch") or "")), float(row.get(_METRICS_KEY) or "")
-    except (ValueError, OverflowError, TypeError):
-        return -1, math.nan
 
 
 def loss_curves(
