@@ -55,7 +55,7 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_wsi.data.parts import SlideParts, whole_slide_batch
+from lightning_wsi.data.parts import NO_TILE, SlideParts, whole_slide_batch
 from lightning_wsi.data.problems import dropped_prediction, merge_into_batch, slide_problem
 from lightning_wsi.data.sampling import SlideGroup, shard_bounds, slide_group
 from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encode_in_chunks
@@ -769,7 +769,7 @@ class SlideParallelStrategy(DDPStrategy):
         num_tiles = int(batch.get("num_tiles", info.total + info.bad_tiles))
         verdict = slide_problem(info.bad_tiles, num_tiles, info.max_bad_tiles, reported)
         if verdict is None and info.total == 0:
-            verdict = "no tile of the slide could be read"
+            verdict = NO_TILE
         if isinstance(batch, MutableMapping) and verdict is not None:
             batch["slide_problem"] = verdict
         return verdict
