@@ -33,7 +33,7 @@ from lightning_wsi.data.problems import (
     ProblemRecorder,
 )
 from lightning_wsi.data.processes import worker_context
-from lightning_wsi.data.sampling import SlideSampler, slide_group
+from lightning_wsi.data.sampling import SlideSampler, check_part_size, slide_group
 from lightning_wsi.data.slide import SlideError
 from lightning_wsi.data.tiling import SlideTiles, check_tiling_params
 from lightning_wsi.data.transfer import jitter_tiles, normalize_tiles
@@ -181,15 +181,7 @@ class SlideDataModule(LightningDataModule):
         k = _tiles_per_slide(k)
         if eval_k is not None and eval_k < 1:
             raise ValueError(f"eval_k must be >= 1 or None (all tiles), got eval_k={eval_k}")
-        if eval_part_size is not None and (
-            isinstance(eval_part_size, bool)
-            or not isinstance(eval_part_size, int)
-            or eval_part_size < 1
-        ):
-            raise ValueError(
-                f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
-                f"(one item per slide), got eval_part_size={eval_part_size!r}"
-            )
+        check_part_size(eval_part_size)
         self.eval_part_size = eval_part_size
         check_tiling_params(mpp, tile_size, min_tissue_fraction)  # before any slide is read
         self.manifest = Path(manifest)

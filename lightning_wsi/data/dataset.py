@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from lightning_wsi.data.augment import TileAugment
 from lightning_wsi.data.problems import DEFAULT_MAX_BAD_TILE_FRACTION, max_bad_tiles, slide_problem
 from lightning_wsi.data.sampling import (
+    check_part_size,
     eval_tile_indices,
     num_parts,
     part_bounds,
@@ -134,13 +135,7 @@ class SlideDataset(Dataset):
         max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
         part_size: int | None = None,
     ) -> None:
-        if part_size is not None and (
-            isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1
-        ):
-            raise ValueError(
-                f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
-                f"(one item per slide), got {part_size!r}"
-            )
+        check_part_size(part_size)
         if part_size is not None and k is not None:
             raise ValueError(
                 f"eval_part_size applies to evaluation (k=None), got k={k} with "

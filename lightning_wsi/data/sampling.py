@@ -18,6 +18,7 @@ from torch.utils.data import DistributedSampler
 __all__ = [
     "SlideGroup",
     "SlideSampler",
+    "check_part_size",
     "eval_tile_indices",
     "num_parts",
     "part_bounds",
@@ -61,6 +62,17 @@ def eval_tile_indices(n_tiles: int, eval_k: int | None = None) -> np.ndarray:
     if eval_k is None or n_tiles <= eval_k:
         return np.arange(n_tiles, dtype=np.int64)
     return (np.arange(eval_k, dtype=np.int64) * n_tiles) // eval_k
+
+
+def check_part_size(part_size: int | None) -> None:
+    """``eval_part_size`` is an integer >= 1 or ``None``; else a one-line ``ValueError``."""
+    if part_size is not None and (
+        isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1
+    ):
+        raise ValueError(
+            f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
+            f"(one item per slide), got eval_part_size={part_size!r}"
+        )
 
 
 def num_parts(n: int, part_size: int | None) -> int:
