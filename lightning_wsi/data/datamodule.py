@@ -80,6 +80,12 @@ class SlideDataModule(LightningDataModule):
             consecutive parts of this many, read ahead by the loader's workers and collected
             per slide by the module (or strategy), so host memory is bounded by the part, not
             the slide. ``None``: one item per slide (all its tiles at once).
+        train_part_size: tiles of a rank's shard per training item, under a strategy that
+            streams training parts (one whose ``streams_training_parts`` is true:
+            ``SlideParallelStrategy`` with ``encode_chunk_size``). It joins a slide's parts into
+            one step, encoding each as it arrives and keeping its tiles in a spill file for the
+            re-encode, so host memory is bounded by the part and the chunk, not by K. Under
+            other strategies, or ``None``, a training item is a rank's whole shard.
         min_tissue_fraction: keep grid tiles with at least this much tissue.
         task: ``"binary"``, ``"multiclass"`` or ``"regression"``: how labels are checked.
         num_classes: number of classes for ``"multiclass"`` with integer labels.
@@ -140,6 +146,7 @@ class SlideDataModule(LightningDataModule):
         *,
         eval_k: int | None = None,
         eval_part_size: int | None = 1024,
+        train_part_size: int | None = 1024,
         min_tissue_fraction: float = 0.5,
         task: Literal["binary", "multiclass", "regression", "ordinal", "survival"] = "binary",
         num_classes: int | None = None,
@@ -182,7 +189,8 @@ class SlideDataModule(LightningDataModule):
         if eval_k is not None and eval_k < 1:
             raise ValueError(f"eval_k must be >= 1 or None (all tiles), got eval_k={eval_k}")
         check_part_size(eval_part_size)
-        self.eval_part_size = eval_part_size
+        check_part_size(train_part_size, "train_part_size")
+        self.eval_part_size, self.train_part_size = eval_part_size, train_part_size
         check_tiling_params(mpp, tile_size, min_tissue_fraction)  # before any slide is read
         self.manifest = Path(manifest)
         self.k, self.eval_k, self.mpp, self.tile_size = k, eval_k, mpp, tile_size
@@ -471,6 +479,13 @@ class SlideDataModule(LightningDataModule):
         size = getattr(strategy, "slide_group_size", None)
         return rank, world, world if size is None else size
 
+    def _streams_training_parts(self) -> bool:
+        """The trainer's strategy joins training parts into steps (and wants them)."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        return self.train_part_size is not None and bool(
+            getattr(strategy, "streams_training_parts", False)
+        )
+
     def _epoch(self) -> int:
         trainer = self.trainer
         return 0 if trainer is None else trainer.fit_loop.epoch_progress.current.processed
@@ -494,6 +509,7 @@ class SlideDataModule(LightningDataModule):
                 f"by side ({world} ranks, {group.size} per slide); every group needs one: use "
                 "fewer groups (a larger strategy.slide_group_size) or more slides"
             )
+        streams = self._streams_training_parts()
         dataset = SlideDataset(
             slides,
             k=self.k if train else None,
@@ -504,6 +520,7 @@ class SlideDataModule(LightningDataModule):
             augment=self.augment if train else None,
             max_bad_tile_fraction=self.max_bad_tile_fraction,
             part_size=None if train else self.eval_part_size,
+            train_part_size=self.train_part_size if train and streams else None,
         )
         index = {entry.slide_id: i for i, entry in enumerate(slides)}
 
@@ -520,7 +537,7 @@ class SlideDataModule(LightningDataModule):
             pad=train,
             epoch_source=self._epoch if train and self.trainer is not None else None,
             dropped_source=dropped,
-            parts=None if train or self.eval_part_size is None else _parts_of(dataset),
+            parts=None if dataset.part_size is None else _parts_of(dataset),
         )
         loader_class = DeferredDataLoader if train else DataLoader
         return loader_class(
@@ -572,7 +589,7 @@ class SlideDataModule(LightningDataModule):
 
 
 def _parts_of(dataset: SlideDataset) -> list[int]:
-    """Evaluation items of each of the dataset's slides."""
+    """Items (parts) of each of the dataset's slides."""
     return [dataset.num_parts(i) for i in range(len(dataset))]
 
 

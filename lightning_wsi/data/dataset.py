@@ -22,6 +22,7 @@ from lightning_wsi.data.sampling import (
     sample_tile_indices,
     shard_bounds,
     tile_rng,
+    train_num_parts,
 )
 from lightning_wsi.data.slide import Slide, SlideError
 from lightning_wsi.data.tiling import SlideTiles
@@ -105,6 +106,13 @@ class SlideDataset(Dataset):
     vanished); whether the slide's left-out tiles are too many is judged over all its parts, by
     whoever collects them (:class:`~lightning_wsi.data.parts.SlideParts`).
 
+    Training in parts (``train_part_size``, for a strategy that streams training parts:
+    ``SlideParallelStrategy`` with ``encode_chunk_size``): part ``p`` is the ``p``-th run of
+    ``train_part_size`` tiles of this rank's own shard, so a rank's parts in order are exactly its
+    shard of the K tiles. Every rank has ``num_parts(index)`` parts (those of the largest
+    shard; a smaller shard's last part may be empty). As in evaluation, ``num_tiles`` and
+    ``max_bad_tiles`` stay the whole sample's and the slide is judged over all its parts.
+
     A bad tile costs a tile: a read that fails is retried once with the slide reopened; if it
     fails again the tile is left out of the item (and listed in ``tile_problems``). When the file
     has vanished or cannot be reopened, or more than ``max_bad_tile_fraction`` of the sample
@@ -134,12 +142,19 @@ class SlideDataset(Dataset):
         augment: TileAugment | None = None,
         max_bad_tile_fraction: float = DEFAULT_MAX_BAD_TILE_FRACTION,
         part_size: int | None = None,
+        train_part_size: int | None = None,
     ) -> None:
         check_part_size(part_size)
+        check_part_size(train_part_size, "train_part_size")
         if part_size is not None and k is not None:
             raise ValueError(
                 f"eval_part_size applies to evaluation (k=None), got k={k} with "
-                f"part_size={part_size}; leave part_size None for a training dataset"
+                f"part_size={part_size}; training reads in parts with train_part_size"
+            )
+        if part_size is not None and train_part_size is not None:
+            raise ValueError(
+                "a dataset reads in evaluation parts (part_size) or training parts "
+                f"(train_part_size), not both: got {part_size} and {train_part_size}"
             )
         if not 0.0 <= max_bad_tile_fraction < 1.0:
             raise ValueError(
@@ -153,7 +168,8 @@ class SlideDataset(Dataset):
         self.shard_rank = shard_rank
         self.shard_count = shard_count
         self.augment = augment
-        self.part_size = part_size
+        self.part_size = part_size if train_part_size is None else train_part_size
+        self.shard_parts = train_part_size is not None  # parts of the shard, not the sample
         self._open: OrderedDict[str, Slide] = OrderedDict()
         self._pid = os.getpid()
 
@@ -171,24 +187,27 @@ class SlideDataset(Dataset):
         )
 
     def num_parts(self, index: int) -> int:
-        """Evaluation items of slide ``index``: 1 without ``part_size``."""
+        """Items of slide ``index``: 1 without ``part_size``. (A training sample's size is
+        ``min(k, tiles)`` in every epoch, so epoch 0's gives every epoch's count.)"""
         if self.part_size is None:
             return 1
-        return num_parts(len(self.sample_indices(index, 0)), self.part_size)
+        n = len(self.sample_indices(index, 0))
+        if self.shard_parts:
+            return train_num_parts(n, self.shard_count, self.part_size)
+        return num_parts(n, self.part_size)
 
     def __getitem__(self, key: int | tuple) -> dict[str, Any]:
         index, epoch, dropped, part = _parse_key(key)
         entry = self.slides[index]
         sample = self.sample_indices(index, epoch)
-        parts = 1 if dropped is not None else num_parts(len(sample), self.part_size)
+        parts = 1 if dropped is not None else self.num_parts(index)
         if part >= parts:
+            key = "train_part_size" if self.shard_parts else "eval_part_size"
             raise IndexError(
-                f"slide {entry.slide_id!r} has {parts} evaluation parts (eval_part_size="
-                f"{self.part_size}), part {part} was asked for"
+                f"slide {entry.slide_id!r} has {parts} parts ({key}={self.part_size}), "
+                f"part {part} was asked for"
             )
-        first, last = part_bounds(len(sample), part, self.part_size if parts > 1 else None)
-        start, stop = shard_bounds(last - first, self.shard_rank, self.shard_count)
-        shard = sample[first + start : first + stop]
+        shard = self._part_shard(sample, part, parts)
         symmetries, factors = [0] * len(shard), None
         if self.augment is not None:
             draws = [
@@ -235,6 +254,20 @@ class SlideDataset(Dataset):
             item["slide_index"] = torch.from_numpy(member)
             item["slide_ids"] = [m.slide_id for m in entry.members]
         return item
+
+    def _part_shard(self, sample: np.ndarray, part: int, parts: int) -> np.ndarray:
+        """This rank's positions of ``part`` of ``parts``: in evaluation its shard of the
+        part's run of the sample; in training the part's run of its shard of the sample."""
+        size = self.part_size if parts > 1 else None
+        if not self.shard_parts:
+            first, last = part_bounds(len(sample), part, size)
+            start, stop = shard_bounds(last - first, self.shard_rank, self.shard_count)
+            return sample[first + start : first + stop]
+        start, stop = shard_bounds(len(sample), self.shard_rank, self.shard_count)
+        mine = sample[start:stop]
+        if size is None:
+            return mine
+        return mine[min(part * size, len(mine)) : (part + 1) * size]
 
     def _empty(self, entry: SlideEntry | BagEntry) -> np.ndarray:
         size = slides_of(entry)[0].tiles.tile_size

@@ -27,6 +27,7 @@ __all__ = [
     "slide_group",
     "slide_key",
     "tile_rng",
+    "train_num_parts",
 ]
 
 # Tags that keep the random streams of sampling and augmentation apart for the same slide.
@@ -64,23 +65,32 @@ def eval_tile_indices(n_tiles: int, eval_k: int | None = None) -> np.ndarray:
     return (np.arange(eval_k, dtype=np.int64) * n_tiles) // eval_k
 
 
-def check_part_size(part_size: int | None) -> None:
-    """``eval_part_size`` is an integer >= 1 or ``None``; else a one-line ``ValueError``."""
+def check_part_size(part_size: int | None, key: str = "eval_part_size") -> None:
+    """``part_size`` (the setting ``key``) is an integer >= 1 or ``None``; else a one-line
+    ``ValueError`` that names ``key``."""
     if part_size is not None and (
         isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1
     ):
+        what = "evaluation" if key == "eval_part_size" else "training"
         raise ValueError(
-            f"eval_part_size must be an integer >= 1 (tiles per evaluation item) or None "
-            f"(one item per slide), got eval_part_size={part_size!r}"
+            f"{key} must be an integer >= 1 (tiles per {what} item) or None "
+            f"(one item per slide), got {key}={part_size!r}"
         )
 
 
 def num_parts(n: int, part_size: int | None) -> int:
-    """How many evaluation items a sample of ``n`` tiles makes with ``part_size`` tiles per item
+    """How many items a sample of ``n`` tiles makes with ``part_size`` tiles per item
     (``None``: one); a sample without tiles is still one item, which says so."""
     if part_size is None or n <= part_size:
         return 1
     return -(-n // part_size)
+
+
+def train_num_parts(n: int, shard_count: int, part_size: int | None) -> int:
+    """Training items of a sample of ``n`` tiles sharded over ``shard_count`` ranks, each rank
+    reading ``part_size`` of its shard at a time: the same count on every rank (that of the
+    largest shard), so the ranks of a group step through a slide's parts together."""
+    return num_parts(-(-n // shard_count), part_size)
 
 
 def part_bounds(n: int, part: int, part_size: int | None) -> tuple[int, int]:
@@ -177,8 +187,9 @@ class SlideSampler(DistributedSampler):
     With more than one group, the training order is padded by repeating slides from its start so
     every group steps equally; evaluation orders are not padded (every slide once).
 
-    Evaluation in parts (``parts`` given, a count per slide): a slide of ``parts[i]`` parts is
-    yielded as ``(i, epoch, None, 0)``, ..., ``(i, epoch, None, parts[i] - 1)``, consecutively;
+    In parts (``parts`` given, a count per slide: evaluation parts, or training parts under a
+    strategy that streams them): a slide of ``parts[i]`` parts is yielded as
+    ``(i, epoch, None, 0)``, ..., ``(i, epoch, None, parts[i] - 1)``, consecutively;
     every rank of a group gets the same ``(slide, part)`` sequence, and a group's slides are the
     same as without parts. A dropped slide is one item, ``(i, epoch, reason, 0)``.
 
@@ -200,8 +211,8 @@ class SlideSampler(DistributedSampler):
             they keep their place in the order (every rank steps equally) but are yielded as
             ``(slide_index, epoch, reason)``, which the dataset answers without reading them.
         group_size: ranks per slide group (see above); must divide ``num_replicas``.
-        parts: evaluation items per slide (``SlideDataset.num_parts``), or ``None`` for one item
-            per slide with today's keys.
+        parts: items per slide (``SlideDataset.num_parts``), or ``None`` for one item per slide
+            with today's keys.
     """
 
     def __init__(
@@ -273,6 +284,10 @@ class SlideSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple]:
         return iter(self.keys(self.current_epoch()))
+
+    def num_slides(self) -> int:
+        """Slides (not parts) this rank is given in an epoch."""
+        return len(self.order(self.current_epoch()))
 
     def __len__(self) -> int:
         # With parts, a dropped slide is one item: the length must match the iteration, or the

@@ -4,6 +4,7 @@ per slide."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -124,6 +125,38 @@ def test_parts_in_order_are_the_one_item_slide_also_for_a_patient_bag(manifest: 
         SlideDataset([intact], k=None, part_size=0)
     with pytest.raises(ValueError, match="eval_part_size applies to evaluation"):
         SlideDataset([intact], k=8, part_size=PART)
+
+
+def test_training_parts_of_a_rank_are_its_shard_in_order(manifest: Path) -> None:
+    # train_part_size: part p is the p-th run of the rank's own shard of the K sample; every
+    # rank of the group has the same number of parts (its largest shard's).
+    dm = datamodule(manifest, PART)
+    dm.setup("validate")
+    intact, small = dm.splits["val"][:2]
+    bag = BagEntry("patient", 0, (small, intact))
+    for k in (50, None):  # a random sample of 50 (epoch 1), and every tile in a fixed order
+        whole = SlideDataset([intact, bag], k=k)
+        for ranks in (1, 2, 3):
+            parts = SlideDataset([intact, bag], k=k, train_part_size=7, shard_count=ranks)
+            for index in range(2):
+                n = len(whole.sample_indices(index, 1))
+                largest = math.ceil(n / ranks)  # the first shard's
+                assert parts.num_parts(index) == math.ceil(largest / 7)
+                for rank in range(ranks):
+                    whole.shard_rank, whole.shard_count = rank, ranks
+                    parts.shard_rank = rank
+                    shard = whole[(index, 1)]
+                    items = [parts[(index, 1, None, p)] for p in range(parts.num_parts(index))]
+                    assert all(i["num_tiles"] == n for i in items)
+                    for key in ("tiles", "coords", "tile_index"):
+                        got = torch.cat([i[key] for i in items])
+                        assert torch.equal(got, shard[key]), (k, ranks, index, rank, key)
+    with pytest.raises(ValueError, match="train_part_size must be an integer >= 1"):
+        SlideDataset([intact], k=8, train_part_size=0)
+    with pytest.raises(ValueError, match="evaluation parts .* or training parts"):
+        SlideDataset([intact], k=None, part_size=4, train_part_size=4)
+    with pytest.raises(IndexError, match=r"'intact' has 10 parts \(train_part_size=7\)"):
+        SlideDataset([intact], k=None, train_part_size=7)[(0, 0, None, 10)]
 
 
 def test_a_part_reports_its_own_bad_tiles_and_leaves_the_verdict_to_the_slide(
