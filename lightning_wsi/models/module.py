@@ -303,6 +303,13 @@ class SlideModule(L.LightningModule):
 
     @override
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if int(batch.get("parts", 1)) > 1:
+            raise ValueError(
+                f"slide {batch.get('slide_id')!r} came as training part {batch.get('part')} of "
+                f"{batch.get('parts')}: only a strategy that streams training parts "
+                "(SlideParallelStrategy with encode_chunk_size) joins them into one step; use "
+                "one, or SlideDataModule(train_part_size=None)"
+            )
         if _unusable(batch):
             return self._skipped_step()
         features = self.encode(batch["tiles"])

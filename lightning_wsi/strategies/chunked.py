@@ -10,13 +10,21 @@ encoder forward (three passes instead of two for forward + backward: a floor of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-__all__ = ["RngState", "backward_in_chunks", "encode_in_chunks"]
+__all__ = ["Chunks", "RngState", "backward_in_chunks", "encode_in_chunks"]
+
+
+class Chunks(Protocol):
+    """Tiles that can be read ``size`` at a time, in order, more than once: a tensor
+    ``[k, 3, H, W]``, or a slide's streamed parts (``streaming.TileStream``)."""
+
+    def split(self, size: int) -> Iterable[torch.Tensor]: ...
 
 
 @dataclass
@@ -40,26 +48,27 @@ class RngState:
 
 def encode_in_chunks(
     encode: Callable[[torch.Tensor], torch.Tensor],
-    tiles: torch.Tensor,
+    tiles: Chunks,
     chunk_size: int,
     device: torch.device,
-) -> tuple[torch.Tensor, list[RngState]]:
+) -> tuple[torch.Tensor | None, list[RngState]]:
     """Encode ``tiles`` ``[k, 3, H, W]`` ``chunk_size`` at a time without autograd.
 
     Returns:
-        Features ``[k, D]`` (no graph) and the RNG state before each chunk.
+        Features ``[k, D]`` (no graph; ``None`` when there was no tile) and the RNG state
+        before each chunk.
     """
     states, features = [], []
     with torch.no_grad():
         for chunk in tiles.split(chunk_size):
             states.append(RngState.capture(device))
             features.append(encode(chunk))
-    return torch.cat(features), states
+    return (torch.cat(features) if features else None), states
 
 
 def backward_in_chunks(
     encode: Callable[[torch.Tensor], torch.Tensor],
-    tiles: torch.Tensor,
+    tiles: Chunks,
     grad: torch.Tensor,
     chunk_size: int,
     states: list[RngState],
@@ -74,17 +83,21 @@ def backward_in_chunks(
     gradients final (the gradient sum arms its hooks there).
     """
     after = RngState.capture(states[0].device) if states else None
-    pieces = list(zip(tiles.split(chunk_size), grad.split(chunk_size), states, strict=True))
+    # Chunk by chunk as ``tiles`` gives them: a streamed slide reads each from its spill file
+    # only now, so only one chunk's tiles are alive.
+    pieces = zip(tiles.split(chunk_size), grad.split(chunk_size), states, strict=True)
     try:
         for i, (chunk, chunk_grad, state) in enumerate(pieces):
             state.restore()
             with torch.enable_grad(), context():
                 features = encode(chunk)
+            del chunk
             if not features.requires_grad:  # a frozen encoder: nothing to backpropagate
                 return
-            if before_last is not None and i == len(pieces) - 1:
+            if before_last is not None and i == len(states) - 1:
                 before_last()
             torch.autograd.backward(features, chunk_grad.to(features.dtype))
+            del features
     finally:
         if after is not None:
             after.restore()

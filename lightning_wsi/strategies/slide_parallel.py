@@ -14,7 +14,10 @@ Training step, on N ranks holding the same slide (DESIGN.md, "The method"):
 Every rank then takes the same optimiser step. Step 4 is complete when ``backward`` returns, which
 is where Lightning's closure ends and gradient clipping and ``on_before_optimizer_step`` begin.
 With ``encode_chunk_size`` each rank encodes without autograd in chunks and re-encodes chunk by
-chunk in ``backward`` (``chunked.py``), so activation memory no longer grows with K.
+chunk in ``backward`` (``chunked.py``), so activation memory no longer grows with K. With it,
+``SlideDataModule`` sends a large shard as parts of ``train_part_size`` tiles, which the step
+joins: encoded as they arrive, kept in a spill file for the re-encode (``streaming.py``), so the
+tiles on the host no longer grow with K either.
 
 Slide groups (``slide_group_size=S``): the N ranks form G = N / S groups of S consecutive ranks.
 Each group trains its own slide of the step exactly as above, within the group (its rank 0
@@ -85,6 +88,7 @@ from lightning_wsi.strategies.lifecycle import (
 )
 from lightning_wsi.strategies.module_state import BatchNormStats, keep_metrics_local
 from lightning_wsi.strategies.randomness import rank_stream, stream_seed
+from lightning_wsi.strategies.streaming import STREAM_KEY, SlideStreams, TileStream
 
 __all__ = ["SlideParallelStrategy"]
 
@@ -99,7 +103,7 @@ class _Pending:
     info: ShardInfo
     features: torch.Tensor  # this rank's [n_r, D]; with a graph unless chunked
     leaf: torch.Tensor | None  # rank 0: the gathered [K, D] features the aggregator saw
-    tiles: torch.Tensor | None = None  # chunked: the shard, to encode again
+    tiles: torch.Tensor | TileStream | None = None  # chunked: the shard, to encode again
     states: list[RngState] | None = None  # chunked: RNG state before each chunk
     error: BaseException | None = None  # rank 0: its aggregator or loss raised
     skip: bool = False  # no rank could use the slide: nothing to backpropagate
@@ -162,6 +166,10 @@ class SlideParallelStrategy(DDPStrategy):
         slide_group_size: Ranks that share one slide (S, a divisor of the world size); the
             world trains N / S slides per step and the gradient is their mean. ``None``: one
             group of all ranks; ``1``: each rank its own slide (slide data parallel).
+        spill_dir: Where a training slide that arrives in parts (``SlideDataModule``'s
+            ``train_part_size``, with ``encode_chunk_size``) keeps its tiles between the
+            encode and the re-encode (``streaming.py``); ``None``: the temporary folder
+            (``TMPDIR``). Node-local disk is best.
     """
 
     strategy_name = "slide_parallel"
@@ -180,6 +188,7 @@ class SlideParallelStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         slide_group_size: int | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -207,6 +216,7 @@ class SlideParallelStrategy(DDPStrategy):
                 f"size, or null for one group of all ranks; got {slide_group_size!r}."
             )
         self.slide_group_size = slide_group_size
+        self.spill_dir = spill_dir
         self.encode_chunk_size = encode_chunk_size
         self.bucket_cap_mb = bucket_cap_mb
         self._pending: _Pending | None = None
@@ -310,12 +320,31 @@ class SlideParallelStrategy(DDPStrategy):
         # Start every rank from rank 0's parameters and buffers, as DDP would.
         _sync_module_states(self.model)
 
+    @property
+    def streams_training_parts(self) -> bool:
+        """With gradient caching, a training slide may come as parts, joined into one step
+        (``streaming.py``): ``SlideDataModule`` then reads ``train_part_size`` tiles at a time."""
+        return self.encode_chunk_size is not None
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """Turn an exception while loading a batch into a marker batch the step reports on every
-        rank (``failures.CatchLoadErrors``); one process raises it as it is."""
+        rank (``failures.CatchLoadErrors``); one process raises it as it is. A training loader
+        whose slides come in parts is wrapped to give one batch per slide
+        (``streaming.SlideStreams``)."""
         dataloader = super().process_dataloader(dataloader)
-        return CatchLoadErrors(dataloader) if self.world_size > 1 else dataloader
+        parted = _streams_parts(dataloader)
+        if self.world_size > 1:
+            dataloader = CatchLoadErrors(dataloader)
+        if parted:
+            return SlideStreams(dataloader, self._part_to_device, self.spill_dir)
+        return dataloader
+
+    def _part_to_device(self, part: Any) -> Any:
+        """What the training loop does to a batch before the step, for a slide's later parts."""
+        part = self.precision_plugin.convert_input(part)
+        part = self.lightning_module._on_before_batch_transfer(part, dataloader_idx=0)
+        return self.batch_to_device(part, dataloader_idx=0)
 
     @override
     @contextmanager
@@ -340,18 +369,20 @@ class SlideParallelStrategy(DDPStrategy):
         with self.precision_plugin.train_step_context():
             if error is None:
                 try:
-                    tiles, coords = self._local_shard(batch)
-                    if len(tiles):
-                        seed = stream_seed(
-                            self._seed, self.global_rank, module.trainer.current_epoch, batch_idx
-                        )
+                    seed = stream_seed(
+                        self._seed, self.global_rank, module.trainer.current_epoch, batch_idx
+                    )
+                    stream = batch.get(STREAM_KEY)
+                    if isinstance(stream, TileStream):  # parts from the loader, joined here
+                        stream.begin(batch)  # type: ignore[arg-type]
                         with rank_stream(seed, self.root_device):
-                            if chunk is not None:
-                                features, states = encode_in_chunks(
-                                    module.encode, tiles, chunk, self.root_device
-                                )
-                            else:
-                                features = module.encode(tiles)
+                            features, states = self._encode_shard(module, stream, chunk)
+                        tiles, coords = stream, batch.get("coords")
+                    else:
+                        tiles, coords = self._local_shard(batch)
+                        if len(tiles):
+                            with rank_stream(seed, self.root_device):
+                                features, states = self._encode_shard(module, tiles, chunk)
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error, features = err, None
             info = self._exchange(features, tiles, batch, error)
@@ -383,6 +414,18 @@ class SlideParallelStrategy(DDPStrategy):
             error=error,
         )
         return loss if loss is not None else value
+
+    def _encode_shard(
+        self, module: L.LightningModule, tiles: torch.Tensor | TileStream, chunk: int | None
+    ) -> tuple[torch.Tensor | None, list[RngState] | None]:
+        """This rank's features ``[n_r, D]`` (``None`` without tiles): in chunks without
+        autograd (with the RNG state before each) or at once with autograd."""
+        if chunk is not None:
+            features, states = encode_in_chunks(module.encode, tiles, chunk, self.root_device)
+            return features, states if features is not None else None
+        if isinstance(tiles, TileStream):
+            tiles = tiles.whole()
+        return (module.encode(tiles) if len(tiles) else None), None
 
     def _training_verdict(
         self, info: ShardInfo, batch: Mapping[str, Any], error: BaseException | None
@@ -546,6 +589,8 @@ class SlideParallelStrategy(DDPStrategy):
                 self.precision_plugin.train_step_context,
                 before_last=begin,
             )
+            if isinstance(pending.tiles, TileStream):
+                pending.tiles.close()  # its spill file is not needed any more
         elif pending.features.requires_grad:
             if begin is not None:
                 begin()
@@ -863,6 +908,16 @@ def _gather_metrics_over(module: nn.Module, group: dist.ProcessGroup | None) -> 
             m.sync_on_compute = True
             m._to_sync = True
             m.process_group = group
+
+
+def _streams_parts(loader: object) -> bool:
+    """The loader's training slides come in parts of a rank's shard (``SlideDataset`` with
+    ``train_part_size``), counted per slide by its sampler."""
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    return bool(getattr(dataset, "shard_parts", False)) and callable(
+        getattr(sampler, "num_slides", None)
+    )
 
 
 def _encoder_of(module: nn.Module) -> nn.Module:

@@ -257,6 +257,9 @@ def test_wrong_inputs_name_the_fix() -> None:
         _module(lr_schedule="linear")
     with pytest.raises(ValueError, match="multiclass"):
         _module(task="multiclass")
+    part = {"tiles": tiles, "slide_id": "s1", "part": 0, "parts": 3, "target": torch.tensor(1)}
+    with pytest.raises(ValueError, match=r"'s1' came as training part 0 of 3.*train_part_size"):
+        module.training_step(part, 0)  # parts need a strategy that joins them
 
 
 def test_warmup_then_cosine_over_the_trainers_steps() -> None:
