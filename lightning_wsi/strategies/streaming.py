@@ -109,13 +109,15 @@ class TileStream:
         if self._read:
             return self._from_spill(size)
         self._spilled = True
-        return self._first_pass(size, spill=True)
+        return self._first_pass(size)
 
     def whole(self) -> torch.Tensor:
-        """The whole shard ``[n, 3, H, W]`` as one tensor (the first and only pass)."""
+        """The whole shard ``[n, 3, H, W]`` as one tensor (the first and only pass; no rows if
+        the slide was lost at its first part)."""
         parts = [t.permute(0, 2, 3, 1) for t in self._parts()]
         if not parts:
-            raise RuntimeError(f"slide {self.slide_id!r}: no part was read")
+            assert self._batch is not None
+            return self._batch["tiles"]  # part 0's shape, no rows
         return torch.cat(parts).permute(0, 3, 1, 2)
 
     def close(self, drain: bool = True) -> None:
@@ -131,12 +133,11 @@ class TileStream:
 
     # ------------------------------------------------------------------ first pass
 
-    def _first_pass(self, size: int, spill: bool) -> Iterator[torch.Tensor]:
+    def _first_pass(self, size: int) -> Iterator[torch.Tensor]:
         carry: torch.Tensor | None = None  # NHWC rows left over from the previous part
         for tiles in self._parts():
             rows = tiles.permute(0, 2, 3, 1)  # the loader's channels-last memory, as it lies
-            if spill:
-                self._spill(rows)
+            self._spill(rows)
             if carry is not None and len(carry):
                 rows = torch.cat([carry, rows])
             full = len(rows) - len(rows) % size

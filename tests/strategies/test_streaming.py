@@ -82,6 +82,11 @@ def test_whole_gives_the_shard_in_one_tensor_without_a_spill() -> None:
     assert stream._file is None
     with pytest.raises(RuntimeError, match="read once"):
         list(stream.split(2))
+    lost = _slide("s", [4, 6])
+    lost[0]["slide_problem"] = "slide 's': its file vanished"
+    stream, batch = _stream(lost)
+    assert stream.whole().shape == (0, 3, 5, 5) and len(stream) == 0  # no error: a verdict
+    assert batch["slide_problem"] == "slide 's': its file vanished"
 
 
 def test_a_part_is_let_go_once_its_chunks_are_read() -> None:
