@@ -341,10 +341,15 @@ class SlideParallelStrategy(DDPStrategy):
         return dataloader
 
     def _part_to_device(self, part: Any) -> Any:
-        """What the training loop does to a batch before the step, for a slide's later parts."""
-        part = self.precision_plugin.convert_input(part)
-        part = self.lightning_module._on_before_batch_transfer(part, dataloader_idx=0)
-        return self.batch_to_device(part, dataloader_idx=0)
+        """What the training loop does to a batch before the step, for a slide's later parts.
+
+        The loop does it outside the step's precision context, and so must this: under
+        bf16-mixed autocast, colour jitter's matrix products would otherwise run in bf16 for
+        these parts and in float32 for the first."""
+        with torch.autocast(self.root_device.type, enabled=False):
+            part = self.precision_plugin.convert_input(part)
+            part = self.lightning_module._on_before_batch_transfer(part, dataloader_idx=0)
+            return self.batch_to_device(part, dataloader_idx=0)
 
     @override
     @contextmanager

@@ -55,7 +55,7 @@ def _train_manifest(root: Path) -> Path:
 
 def _fit(
     manifest: Path, part_size: int | None, devices: int, group: int | None, epochs: int,
-    workers: int,
+    workers: int, precision: str = "32-true",
 ) -> dict:  # fmt: skip
     dm = SlideDataModule(
         manifest, k="all", tile_size=128, train_part_size=part_size, val_fraction=0.0,
@@ -79,7 +79,7 @@ def _fit(
         strategy = SlideParallelStrategy(encode_chunk_size=CHUNK, slide_group_size=group)
         trainer = L.Trainer(
             accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
-            accumulate_grad_batches=2, gradient_clip_val=0.5, **QUIET,
+            accumulate_grad_batches=2, gradient_clip_val=0.5, precision=precision, **QUIET,
         )  # fmt: skip
         trainer.fit(module, datamodule=dm)
     finally:
@@ -116,6 +116,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             f"one_process.{p}": _fit(manifest, p, 1, None, epochs=EPOCHS, workers=1)
             for p in (PART, None)
         }
+        for p in (PART, None):  # the GPU preset's precision (bf16-mixed), on this CPU
+            out[f"bf16.{p}"] = _fit(manifest, p, 1, None, 1, 0, precision="bf16-mixed")
     finally:
         torch.set_num_threads(threads)
     release_openmp_threads()
@@ -144,6 +146,14 @@ def test_one_process_streamed_trains_exactly_as_whole_shards(results: dict[str, 
     for key, value in whole["state"].items():
         assert torch.equal(streamed["state"][key], value), key
     assert streamed["records"] == whole["records"] == EXPECTED_RECORDS
+
+
+def test_streamed_in_bf16_mixed_trains_exactly_as_whole_shards(results: dict[str, Any]) -> None:
+    # The later parts' colour jitter must run outside the step's autocast, as the first's does.
+    streamed, whole = results[f"bf16.{PART}"], results["bf16.None"]
+    assert streamed["streams"] and not whole["streams"]
+    for key, value in whole["state"].items():
+        assert torch.equal(streamed["state"][key], value), key
 
 
 @pytest.mark.parametrize("world", list(WORLDS))
