@@ -219,12 +219,21 @@ class TileStream:
         """Append tiles ``[n, H, W, C]`` to the spill file, as their bytes."""
         if not len(rows):
             return
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self._spill_dir)
-            shape = (rows.shape[1], rows.shape[2], rows.shape[3])
-            self._tile = (shape, rows.dtype, rows.device)
         data = rows.detach().contiguous().cpu()
-        self._file.write(memoryview(data.view(torch.uint8).numpy()).cast("B"))
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._spill_dir)
+                shape = (rows.shape[1], rows.shape[2], rows.shape[3])
+                self._tile = (shape, rows.dtype, rows.device)
+            self._file.write(memoryview(data.view(torch.uint8).numpy()).cast("B"))
+        except OSError as err:
+            where = self._spill_dir if self._spill_dir is not None else tempfile.gettempdir()
+            raise OSError(
+                f"slide {self.slide_id!r}: cannot write its tiles to a spill file in {where} "
+                f"({err.strerror or err}); set strategy.spill_dir to a writable folder with "
+                f"room for a shard's tiles ({data[0].nbytes} bytes a tile), or "
+                "train_part_size=null to keep them in memory"
+            ) from err
 
     def _from_spill(self, size: int) -> Iterator[torch.Tensor]:
         if not self._rows:

@@ -193,3 +193,13 @@ def test_a_loop_that_stops_inside_a_slide_reads_no_further() -> None:
     assert stream._file is not None
     batches.close()  # a limit reached: Lightning lets go of the iterator
     assert loader.fetched == 1 and stream._file is None
+
+
+def test_a_spill_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path) -> None:
+    items = _slide("s", [2, 2])
+    missing = tmp_path / "no" / "such"
+    stream = TileStream(items[0], iter(items[1:]), lambda b: b, spill_dir=missing)
+    stream.begin(dict(items[0]))
+    with pytest.raises(OSError, match=rf"slide 's': cannot write its tiles to a spill file in "
+                       rf"{missing} .*set strategy.spill_dir .*75 bytes a tile"):  # fmt: skip
+        list(stream.split(2))
