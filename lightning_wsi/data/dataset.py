@@ -189,9 +189,12 @@ class SlideDataset(Dataset):
     def num_parts(self, index: int) -> int:
         """Items of slide ``index``: 1 without ``part_size``. (A training sample's size is
         ``min(k, tiles)`` in every epoch, so epoch 0's gives every epoch's count.)"""
+        return self._count_parts(len(self.sample_indices(index, 0)))
+
+    def _count_parts(self, n: int) -> int:
+        """Items of a sample of ``n`` tiles."""
         if self.part_size is None:
             return 1
-        n = len(self.sample_indices(index, 0))
         if self.shard_parts:
             return train_num_parts(n, self.shard_count, self.part_size)
         return num_parts(n, self.part_size)
@@ -200,11 +203,11 @@ class SlideDataset(Dataset):
         index, epoch, dropped, part = _parse_key(key)
         entry = self.slides[index]
         sample = self.sample_indices(index, epoch)
-        parts = 1 if dropped is not None else self.num_parts(index)
+        parts = 1 if dropped is not None else self._count_parts(len(sample))
         if part >= parts:
-            key = "train_part_size" if self.shard_parts else "eval_part_size"
+            setting = "train_part_size" if self.shard_parts else "eval_part_size"
             raise IndexError(
-                f"slide {entry.slide_id!r} has {parts} parts ({key}={self.part_size}), "
+                f"slide {entry.slide_id!r} has {parts} parts ({setting}={self.part_size}), "
                 f"part {part} was asked for"
             )
         shard = self._part_shard(sample, part, parts)
