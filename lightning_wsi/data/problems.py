@@ -40,6 +40,7 @@ __all__ = [
     "dropped_prediction",
     "max_bad_tiles",
     "merge_into_batch",
+    "set_slide_problem",
     "slide_problem",
 ]
 
@@ -180,6 +181,13 @@ def merge_into_batch(
     """Write the problems of the whole sample (every rank's) into this rank's ``batch``."""
     batch["tile_problems"] = tile_problems
     batch["slide_problem"] = problem
+
+
+def set_slide_problem(batch: Mapping[str, Any], problem: str | None) -> None:
+    """Write a slide's verdict into its batch as ``slide_problem``, for the problem record (a
+    mapping the loader made; a read-only one is left alone)."""
+    if isinstance(batch, MutableMapping):
+        batch["slide_problem"] = problem
 
 
 def dropped_prediction(batch: Mapping[str, Any]) -> dict[str, Any]:

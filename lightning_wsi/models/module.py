@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 from typing_extensions import override
 
 from lightning_wsi.data.parts import CollectedSlide, SlideParts, whole_slide_batch
-from lightning_wsi.data.problems import dropped_prediction
+from lightning_wsi.data.problems import dropped_prediction, set_slide_problem
 from lightning_wsi.data.transfer import normalize
 from lightning_wsi.models.aggregators import AggregatorOutput, build_aggregator
 from lightning_wsi.models.encoders import build_encoder, encoder_feature_dim
@@ -454,10 +454,10 @@ class SlideModule(L.LightningModule):
                 None if index is None else torch.as_tensor(index).to(self.device),
             )
         if not parts.last:
-            _set_problem(batch, None)  # recorded once, at the slide's last part
+            set_slide_problem(batch, None)  # recorded once, at the slide's last part
             return None, batch
         slide = parts.finish()
-        _set_problem(batch, slide.verdict)
+        set_slide_problem(batch, slide.verdict)
         return slide, whole_slide_batch(batch, slide)
 
     @torch.no_grad()
@@ -493,12 +493,6 @@ def _check_finetuning(
             "Expected `layer_decay` with a trainable encoder, got freeze_encoder=True: a frozen "
             "encoder has no learning rate to decay; set layer_decay=null."
         )
-
-
-def _set_problem(batch: Mapping[str, Any], problem: str | None) -> None:
-    """Write a slide's verdict into its batch (a mapping the loader made; left alone if not)."""
-    if isinstance(batch, MutableMapping):
-        batch["slide_problem"] = problem
 
 
 def _unusable(batch: Mapping[str, Any]) -> bool:

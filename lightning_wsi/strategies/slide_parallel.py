@@ -59,7 +59,12 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_wsi.data.parts import NO_TILE, SlideParts, whole_slide_batch
-from lightning_wsi.data.problems import dropped_prediction, merge_into_batch, slide_problem
+from lightning_wsi.data.problems import (
+    dropped_prediction,
+    merge_into_batch,
+    set_slide_problem,
+    slide_problem,
+)
 from lightning_wsi.data.sampling import SlideGroup, shard_bounds, slide_group
 from lightning_wsi.strategies.chunked import RngState, backward_in_chunks, encode_in_chunks
 from lightning_wsi.strategies.collectives import (
@@ -704,13 +709,11 @@ class SlideParallelStrategy(DDPStrategy):
                 raise_together(self._groups.host, error, f"{stage} step")
             self._collect_part(parts, info, features, coords, batch)
             if not parts.last:  # the slide is judged (and its drop recorded) at its last part
-                if isinstance(batch, MutableMapping):
-                    batch["slide_problem"] = None
+                set_slide_problem(batch, None)
                 return None
             slide = parts.finish()
             if slide.verdict is not None:  # in no metric; predict says why
-                if isinstance(batch, MutableMapping):
-                    batch["slide_problem"] = slide.verdict
+                set_slide_problem(batch, slide.verdict)
                 return dropped_prediction(batch) if stage == "predict" else None
             output = None
             if self._leads:
@@ -820,8 +823,8 @@ class SlideParallelStrategy(DDPStrategy):
         verdict = slide_problem(info.bad_tiles, num_tiles, info.max_bad_tiles, reported)
         if verdict is None and info.total == 0:
             verdict = NO_TILE
-        if isinstance(batch, MutableMapping) and verdict is not None:
-            batch["slide_problem"] = verdict
+        if verdict is not None:
+            set_slide_problem(batch, verdict)
         return verdict
 
     def _merge_problems(self, info: ShardInfo, batch: Mapping[str, Any]) -> str | None:
