@@ -12,23 +12,29 @@ one group step.
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.multiprocessing as mp
-from harness import Record, Scenario, build_module, free_port, in_memory_slides
+from harness import (
+    Record,
+    Scenario,
+    build_module,
+    fork_ranks,
+    free_port,
+    in_memory_slides,
+    join_world,
+    one_thread,
+    quiet_rank,
+)
 from lightning.pytorch.plugins.precision import MixedPrecision
 from slide_batches import make_slides
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_wsi import SlideDataModule, SlideParallelStrategy
 from lightning_wsi.strategies import SlideParallelError
-from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
 SEED = 0  # the injected DistributedSampler's seed (PL_GLOBAL_SEED, unset here)
 
@@ -128,15 +134,11 @@ def train(scenario: GroupScenario, world_size: int | None, out_dir: Path, rank: 
 
 def _phases(rank: int, worlds: list[tuple[str, int, int, list]], out: str) -> None:
     """One forked process: for each world in turn, join it if this rank belongs to it."""
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    quiet_rank()
     for label, world_size, port, scenarios in worlds:
         if rank >= world_size:
             continue
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-            NODE_RANK="0", LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
-        )  # fmt: skip
+        join_world(rank, world_size, port)
         for scenario in scenarios:
             train(scenario, world_size, Path(out) / label, rank)
 
@@ -151,18 +153,12 @@ def run_worlds(worlds: dict[str, tuple[int, list[GroupScenario]]], out_dir: Path
     for label, (world_size, scenarios) in worlds.items():
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         plan.append((label, world_size, free_port(), scenarios))
-    release_openmp_threads()  # children start their own pools (lifecycle.py)
-    size = max(world for _, world, _, _ in plan)
-    mp.start_processes(_phases, args=(plan, str(out_dir)), nprocs=size, start_method="fork")
+    fork_ranks(_phases, max(world for _, world, _, _ in plan), plan, str(out_dir))
 
 
 def run_reference(scenarios: list[GroupScenario], out_dir: Path) -> None:
     """The single-process reference, here, on one thread as every rank."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for scenario in scenarios:
             train(scenario, None, out_dir)
-    finally:
-        torch.set_num_threads(threads)

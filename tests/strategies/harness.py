@@ -16,6 +16,8 @@ import collections
 import os
 import socket
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,16 +331,8 @@ def _without_tile(
 
 
 def _worker(rank: int, world_size: int, port: int, scenarios: list[Scenario], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world_size),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        GLOBAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    join_world(rank, world_size, port)
+    quiet_rank()
     for scenario in scenarios:
         train(scenario, world_size, Path(out), rank)
 
@@ -349,6 +343,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_world(rank: int, world_size: int, port: int) -> None:
+    """Make this process rank ``rank`` of a local world of ``world_size`` on ``port``: the
+    environment torchrun gives a rank, which Lightning's launcher takes as already started."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+        NODE_RANK="0", LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
+    )  # fmt: skip
+
+
+def quiet_rank() -> None:
+    """One thread (as the reference, ``one_thread``) and no warnings, in a forked rank."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread here, as in every rank: some CPU kernels (float16 channels-last
+    convolutions) split their reductions by thread count, which would differ in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fork_ranks(worker: Callable[..., None], nprocs: int, *args: Any) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` processes forked from this one, and wait.
+
+    Forked, not spawned: the code is imported already (a spawned rank spent about 5 s importing
+    torch, Lightning and timm, most of a small world's time here). The OpenMP pool is released
+    first, so a child can start its own (lightning_wsi.strategies.lifecycle).
+    """
+    release_openmp_threads()
+    mp.start_processes(worker, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
 def run_world(world_size: int | None, scenarios: list[Scenario], out_dir: Path) -> None:
     """Train every scenario on ``world_size`` processes; results in ``out_dir``.
 
@@ -356,27 +388,11 @@ def run_world(world_size: int | None, scenarios: list[Scenario], out_dir: Path) 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if world_size is None:
-        # One thread, as in every rank: some CPU kernels (float16 channels-last convolutions)
-        # split their reductions by thread count, which would differ in the last bits.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             for scenario in scenarios:
                 train(scenario, None, out_dir)
-        finally:
-            torch.set_num_threads(threads)
         return
-    # Forked from this process (the code is imported already: a spawned rank spent about 5 s
-    # importing torch, Lightning and timm, most of a small world's time here). The OpenMP pool
-    # is released first, so a child can start its own (lightning_wsi.strategies.lifecycle).
-    release_openmp_threads()
-    mp.start_processes(
-        _worker,
-        args=(world_size, free_port(), scenarios, str(out_dir)),
-        nprocs=world_size,
-        join=True,
-        start_method="fork",
-    )
+    fork_ranks(_worker, world_size, world_size, free_port(), scenarios, str(out_dir))
 
 
 def load(out_dir: Path, name: str, rank: int = 0) -> dict[str, Any]:

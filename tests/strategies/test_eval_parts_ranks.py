@@ -4,20 +4,16 @@ item. Both worlds run in one pair of forked processes (``harness.run_world``'s p
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from bad_tile_slides import write_part_slides
-from harness import free_port
+from harness import fork_ranks, free_port, join_world, one_thread, quiet_rank
 
 from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
-from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
 # Tiles per part: the 64-tile slides of write_part_slides make 7 parts (6 x 10 + 4), each
 # sharded over the group's ranks; their bad tiles (positions 0 and 24) lie in parts 0 and 2.
@@ -49,12 +45,8 @@ def _evaluate(manifest: Path, part_size: int | None, strategy: Any, devices: int
 
 
 def _worker(rank: int, port: int, manifest: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-        LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    join_world(rank, 2, port)
+    quiet_rank()
     for name, group_size in WORLDS.items():
         for part_size in (PART, None):
             strategy = SlideParallelStrategy(slide_group_size=group_size)
@@ -66,17 +58,9 @@ def _worker(rank: int, port: int, manifest: str, out: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("eval_parts_ranks")
     manifest = write_part_slides(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every rank
-    try:
+    with one_thread():
         reference = _evaluate(manifest, None, "auto", devices=1)
-    finally:
-        torch.set_num_threads(threads)
-    release_openmp_threads()
-    mp.start_processes(
-        _worker, args=(free_port(), str(manifest), str(root)), nprocs=2, join=True,
-        start_method="fork",
-    )  # fmt: skip
+    fork_ranks(_worker, 2, free_port(), str(manifest), str(root))
     out = {"reference": reference}
     for path in root.glob("*.rank*.pt"):
         out[path.stem] = torch.load(path, weights_only=False)

@@ -15,7 +15,7 @@ import time
 import traceback
 
 import pytest
-from harness import free_port
+from harness import free_port, join_world
 
 from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
@@ -41,7 +41,7 @@ def outcomes(tmp_path_factory) -> dict[str, list[tuple[int, float, str]]]:
     release_openmp_threads()  # each rank starts its own pool
     running = {}
     for case in CASES:
-        port = str(free_port())
+        port = free_port()
         for rank in (0, 1):
             err_path = folder / f"{case}.rank{rank}.err"
             pid = os.fork()
@@ -50,10 +50,7 @@ def outcomes(tmp_path_factory) -> dict[str, list[tuple[int, float, str]]]:
                 try:
                     sys.stderr = open(err_path, "w", buffering=1)  # noqa: SIM115 - until exit
                     os.dup2(sys.stderr.fileno(), 2)  # what C code and gloo print, too
-                    os.environ.update(
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
-                        NODE_RANK="0", LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
-                    )  # fmt: skip
+                    join_world(rank, 2, port)
                     for key in [k for k in os.environ if k.startswith("PL_")]:
                         del os.environ[key]
                     run_failure.CASE = case

@@ -12,21 +12,17 @@ process to the core's bounds.
 from __future__ import annotations
 
 import csv
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from bad_tile_slides import write_part_slides
-from harness import free_port
+from harness import fork_ranks, free_port, join_world, one_thread, quiet_rank
 
 from lightning_wsi import SlideDataModule, SlideModule, SlideParallelStrategy
 from lightning_wsi.strategies import streaming
-from lightning_wsi.strategies.lifecycle import release_openmp_threads
 
 # 64-tile slides (16 for "small"): one process reads 7 parts of 10 (chunks of 4 straddle
 # them); 2 ranks' 32-tile shards make 4 parts of 10 each ("small": 8 tiles, one part).
@@ -93,12 +89,8 @@ def _fit(
 
 
 def _worker(rank: int, port: int, manifest: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-        LOCAL_RANK=str(rank), GLOBAL_RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    join_world(rank, 2, port)
+    quiet_rank()
     for name, group in WORLDS.items():
         for part_size in (PART, None):
             result = _fit(Path(manifest), part_size, 2, group, epochs=EPOCHS, workers=0)
@@ -109,22 +101,14 @@ def _worker(rank: int, port: int, manifest: str, out: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("train_parts")
     manifest = _train_manifest(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every rank
-    try:
+    with one_thread():
         out = {
             f"one_process.{p}": _fit(manifest, p, 1, None, epochs=EPOCHS, workers=1)
             for p in (PART, None)
         }
         for p in (PART, None):  # the GPU preset's precision (bf16-mixed), on this CPU
             out[f"bf16.{p}"] = _fit(manifest, p, 1, None, 1, 0, precision="bf16-mixed")
-    finally:
-        torch.set_num_threads(threads)
-    release_openmp_threads()
-    mp.start_processes(
-        _worker, args=(free_port(), str(manifest), str(root)), nprocs=2, join=True,
-        start_method="fork",
-    )  # fmt: skip
+    fork_ranks(_worker, 2, free_port(), str(manifest), str(root))
     for path in root.glob("*.rank*.pt"):
         out[path.stem] = torch.load(path, weights_only=False)
     return out
