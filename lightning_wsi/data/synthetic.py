@@ -383,20 +383,28 @@ def _aggregates(rng: np.random.Generator, tissue, pale) -> np.ndarray:
 
 def _paint_aggregates(rng: np.random.Generator, mask, h, e):
     """Dense small dark nuclei (3 µm, ~1 per 35 µm²) in ``mask``: returns new ``(h, e)``."""
-    soft = ndimage.gaussian_filter(mask.astype(np.float32), 4.0 / _GRID_UM)
-    ys, xs = _points(rng, mask.shape, _GRID_UM**2 / 35, lambda y, x: mask[y, x])
-    small = _splat(mask.shape, ys, xs, rng.uniform(0.8, 1.2, len(ys)), 1.5 / _GRID_UM)
-    h = h * (1 - soft) + soft * (0.1 + 1.6 * np.clip((small - 0.3) * 3, 0, 1))
-    return h, e * (1 - 0.3 * soft)
+    return _paint_nuclei(rng, mask, h, e, per_um2=35, sizes=(0.8, 1.2), radius_um=1.5,
+                         haze=0.1, stain=1.6, eosin_loss=0.3)  # fmt: skip
 
 
 def _paint_lesions(rng: np.random.Generator, mask, h, e):
     """Large hyperchromatic nuclei (5.4 µm, ~1 per 90 µm²) in a dark haze with less eosin."""
+    return _paint_nuclei(rng, mask, h, e, per_um2=90, sizes=(0.9, 1.4), radius_um=2.7,
+                         haze=0.35, stain=2.2, eosin_loss=0.6)  # fmt: skip
+
+
+def _paint_nuclei(
+    rng: np.random.Generator, mask, h, e, *, per_um2: float, sizes: tuple[float, float],
+    radius_um: float, haze: float, stain: float, eosin_loss: float,
+):  # fmt: skip
+    """Nuclei in ``mask`` (one per ``per_um2`` µm², of ``radius_um`` times a size drawn from
+    ``sizes``) over a haematoxylin ``haze``, with ``stain`` their darkness and eosin reduced by
+    ``eosin_loss`` under the soft mask: returns new ``(h, e)``."""
     soft = ndimage.gaussian_filter(mask.astype(np.float32), 4.0 / _GRID_UM)
-    ys, xs = _points(rng, mask.shape, _GRID_UM**2 / 90, lambda y, x: mask[y, x])
-    big = _splat(mask.shape, ys, xs, rng.uniform(0.9, 1.4, len(ys)), 2.7 / _GRID_UM)
-    h = h * (1 - soft) + soft * (0.35 + 2.2 * np.clip((big - 0.3) * 3, 0, 1))
-    return h, e * (1 - 0.6 * soft)
+    ys, xs = _points(rng, mask.shape, _GRID_UM**2 / per_um2, lambda y, x: mask[y, x])
+    nuclei = _splat(mask.shape, ys, xs, rng.uniform(*sizes, len(ys)), radius_um / _GRID_UM)
+    h = h * (1 - soft) + soft * (haze + stain * np.clip((nuclei - 0.3) * 3, 0, 1))
+    return h, e * (1 - eosin_loss * soft)
 
 
 def write_pyramidal_tiff(
